@@ -1,0 +1,256 @@
+"""Configuration: a tree of msgspec structs decoded from TOML, plus secrets from the environment.
+
+Why structs and not dicts: every key is known, typed and documented in one place, an unknown
+key is an error (a typo must not silently fall back to a default), and every error names the
+key so an operator can fix the file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+#: The app secret used to sign and verify webhooks when WHATSAPP_APP_SECRET is not set.
+#: It is public on purpose: sandbox mode only talks to `simulate` on this machine.
+SANDBOX_APP_SECRET = "alfred-sandbox-app-secret"  # noqa: S105 (public by design, sandbox only)
+
+_DIGITS = re.compile(r"^[0-9]{5,20}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a one-line message that names the key."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class ServerConfig(_Section, frozen=True):
+    """Where the HTTP server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+class StorageConfig(_Section, frozen=True):
+    """Where the SQLite database lives (relative paths are relative to the config file)."""
+
+    path: str = "data/alfred.db"
+
+
+class GraphConfig(_Section, frozen=True):
+    """The Graph API endpoint the senders talk to."""
+
+    base_url: str = "https://graph.facebook.com"
+    api_version: str = "v23.0"
+    timeout_seconds: float = 10.0
+
+
+class OutboundConfig(_Section, frozen=True):
+    """Outbound pacing (Meta's default is 80 messages/s per phone number)."""
+
+    rate_per_second: float = 80.0
+
+
+class WebhookConfig(_Section, frozen=True):
+    """Limits on the webhook request (Meta sends bodies up to 3 MB)."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_seconds: float = 10.0
+
+
+class DispatchConfig(_Section, frozen=True):
+    """The inbound dispatcher: queue bound, handler workers and what to say when a handler fails."""
+
+    workers: int = 4
+    queue_size: int = 1000
+    handler_timeout_seconds: float = 30.0
+    fallback_text: str = "Sorry, something went wrong on our side. Please try again in a moment."
+
+
+class HandlersConfig(_Section, frozen=True):
+    """Which module of handlers/ answers tenants that do not choose their own."""
+
+    default: str = "echo"
+
+
+class LoggingConfig(_Section, frozen=True):
+    """Log verbosity and format (JSON lines for machines, text for a terminal)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class TenantConfig(_Section, frozen=True):
+    """One WhatsApp business phone number served by this process."""
+
+    phone_number_id: str
+    handler: str | None = None
+
+
+class Config(_Section, frozen=True):
+    """The whole configuration file."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    graph: GraphConfig = msgspec.field(default_factory=GraphConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+    dispatch: DispatchConfig = msgspec.field(default_factory=DispatchConfig)
+    handlers: HandlersConfig = msgspec.field(default_factory=HandlersConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    tenants: dict[str, TenantConfig] = msgspec.field(default_factory=dict)
+
+    def handler_for(self, tenant: str) -> str:
+        """The handlers/ module that answers `tenant`."""
+        return self.tenants[tenant].handler or self.handlers.default
+
+    def tenant_by_phone_number_id(self) -> dict[str, str]:
+        """Map Meta's phone_number_id to our tenant name, for routing inbound updates."""
+        return {t.phone_number_id: name for name, t in self.tenants.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Credentials, read from the environment only. `repr` never shows their values."""
+
+    app_secrets: tuple[str, ...]
+    verify_token: str | None
+    access_token: str | None
+    api_token: str | None
+    app_secret_from_env: bool
+
+    @property
+    def mode(self) -> Literal["production", "sandbox"]:
+        """Production sends to Meta; sandbox keeps replies local (no access token)."""
+        return "production" if self.access_token else "sandbox"
+
+    def missing(self) -> list[str]:
+        """Names of the environment variables that are not set, for the start-up log."""
+        pairs = [
+            ("WHATSAPP_APP_SECRET", self.app_secret_from_env),
+            ("WHATSAPP_VERIFY_TOKEN", self.verify_token is not None),
+            ("WHATSAPP_ACCESS_TOKEN", self.access_token is not None),
+            ("ALFRED_API_TOKEN", self.api_token is not None),
+        ]
+        return [name for name, present in pairs if not present]
+
+    def __repr__(self) -> str:
+        return f"Secrets(mode={self.mode!r}, missing={self.missing()!r})"
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def load_secrets(environ: Mapping[str, str] | None = None) -> Secrets:
+    """Read credentials from the environment.
+
+    `WHATSAPP_APP_SECRET_PREVIOUS` lets two app secrets verify webhooks while one is rotated.
+    Production (an access token is set) refuses to start without an app secret and a verify
+    token: Meta's webhooks could not be verified and would all be refused.
+    """
+    env = os.environ if environ is None else environ
+    secret = _env(env, "WHATSAPP_APP_SECRET")
+    previous = _env(env, "WHATSAPP_APP_SECRET_PREVIOUS")
+    secrets = Secrets(
+        app_secrets=tuple(s for s in (secret or SANDBOX_APP_SECRET, previous) if s),
+        verify_token=_env(env, "WHATSAPP_VERIFY_TOKEN"),
+        access_token=_env(env, "WHATSAPP_ACCESS_TOKEN"),
+        api_token=_env(env, "ALFRED_API_TOKEN"),
+        app_secret_from_env=secret is not None,
+    )
+    if secrets.mode == "production":
+        for name in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+            if name in secrets.missing():
+                raise ConfigError(f"{name} must be set when WHATSAPP_ACCESS_TOKEN is (production mode)")
+    return secrets
+
+
+def _key_path(message: str, prefix: str) -> str:
+    """Turn msgspec's `- at `$.server.port`` into `server.port` for an operator-facing line."""
+    text, _, where = message.partition(" - at ")
+    path = where.strip("`").removeprefix("$").lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(.+)`", text)
+    missing = re.match(r"Object missing required field `(.+)`", text)
+    parts = [p for p in (prefix, path) if p]
+    if unknown:
+        return f"{'.'.join([*parts, unknown.group(1)])}: unknown key"
+    if missing:
+        return f"{'.'.join([*parts, missing.group(1)])}: required key is missing"
+    return f"{'.'.join(parts) or '(top level)'}: {text[0].lower()}{text[1:]}"
+
+
+def _convert(data: Any, kind: type[Any], prefix: str) -> Any:
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_key_path(str(exc), prefix)) from None
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks msgspec's types cannot express, each naming its key."""
+    checks: list[tuple[bool, str]] = [
+        (1 <= cfg.server.port <= 65535, "server.port: must be between 1 and 65535"),
+        (bool(cfg.storage.path.strip()), "storage.path: must not be empty"),
+        (cfg.graph.base_url.startswith(("http://", "https://")), "graph.base_url: must start with http:// or https://"),
+        (re.fullmatch(r"v\d+\.\d+", cfg.graph.api_version) is not None, "graph.api_version: must look like v23.0"),
+        (cfg.graph.timeout_seconds > 0, "graph.timeout_seconds: must be > 0"),
+        (cfg.outbound.rate_per_second > 0, "outbound.rate_per_second: must be > 0"),
+        (cfg.webhook.max_body_bytes >= 1024, "webhook.max_body_bytes: must be at least 1024"),
+        (cfg.webhook.body_timeout_seconds > 0, "webhook.body_timeout_seconds: must be > 0"),
+        (cfg.dispatch.workers >= 1, "dispatch.workers: must be at least 1"),
+        (cfg.dispatch.queue_size >= 1, "dispatch.queue_size: must be at least 1"),
+        (cfg.dispatch.handler_timeout_seconds > 0, "dispatch.handler_timeout_seconds: must be > 0"),
+        (bool(cfg.tenants), "tenants: at least one [tenants.NAME] section with a phone_number_id is required"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    seen: dict[str, str] = {}
+    for name, tenant in cfg.tenants.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"tenants.{name}: tenant names use letters, digits, '-' and '_' only")
+        if not _DIGITS.match(tenant.phone_number_id):
+            raise ConfigError(f"tenants.{name}.phone_number_id: must be Meta's numeric phone number id")
+        if tenant.phone_number_id in seen:
+            raise ConfigError(f"tenants.{name}.phone_number_id: already used by tenants.{seen[tenant.phone_number_id]}")
+        seen[tenant.phone_number_id] = name
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a decoded TOML document into a `Config`, or raise `ConfigError` naming the key."""
+    tenants_raw = data.pop("tenants", {})
+    cfg: Config = _convert(data, Config, "")
+    if not isinstance(tenants_raw, dict):
+        raise ConfigError("tenants: must be a table of [tenants.NAME] sections")
+    tenants = {name: _convert(body, TenantConfig, f"tenants.{name}") for name, body in tenants_raw.items()}
+    cfg = msgspec.structs.replace(cfg, tenants=tenants)
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the TOML file at `path`; relative storage paths are anchored to it."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    cfg = parse_config(data)
+    storage = Path(cfg.storage.path)
+    if not storage.is_absolute():
+        storage = path.resolve().parent / storage
+    return msgspec.structs.replace(cfg, storage=StorageConfig(path=str(storage)))
