@@ -1,0 +1,280 @@
+"""The embedded SQLite store: WAL, `synchronous=FULL`, one group-commit writer, one reader.
+
+Writes go through `GroupWriter` (our own thread and stdlib sqlite3, so a whole group is one hop);
+reads go through an aiosqlite connection, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from alfred_bot.models import Contact, Profile
+from alfred_bot.parse import InboundItem, ParsedBody, decode_message
+from alfred_bot.store.base import Completion, PendingMessage, StoreError
+from alfred_bot.store.writer import GroupWriter
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    tenant TEXT,
+    phone_number_id TEXT NOT NULL,
+    sender TEXT,
+    user_id TEXT,
+    wa_id TEXT,
+    name TEXT,
+    type TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    text TEXT,
+    context_id TEXT,
+    raw BLOB NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    received_at REAL NOT NULL,
+    handled_at REAL
+);
+CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(seq) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS statuses (
+    key TEXT PRIMARY KEY,
+    wamid TEXT NOT NULL,
+    tenant TEXT,
+    phone_number_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    recipient_id TEXT,
+    error_code INTEGER,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS statuses_wamid ON statuses(wamid);
+CREATE TABLE IF NOT EXISTS events (
+    key TEXT PRIMARY KEY,
+    field TEXT NOT NULL,
+    tenant TEXT,
+    phone_number_id TEXT,
+    waba_id TEXT,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    idem_key TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    source_event_id TEXT,
+    wamid TEXT,
+    error_code INTEGER,
+    error_message TEXT,
+    error_details TEXT,
+    sent_at REAL,
+    delivered_at REAL,
+    read_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
+"""
+
+_INSERT_INBOX = """
+INSERT INTO inbox (event_id, tenant, phone_number_id, sender, user_id, wa_id, name, type,
+                   timestamp, text, context_id, raw, state, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(event_id) DO NOTHING
+"""
+_INSERT_STATUS = """
+INSERT INTO statuses (key, wamid, tenant, phone_number_id, status, timestamp, recipient_id,
+                      error_code, raw, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
+"""
+_INSERT_EVENT = """
+INSERT INTO events (key, field, tenant, phone_number_id, waba_id, raw, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
+"""
+_INSERT_OUTBOX = """
+INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
+"""
+
+
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """Open the write connection with the durability settings the 200-after-commit promise needs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    _migrate(conn)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"database schema v{version} is newer than this Alfred (v{SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+
+def _inbox_row(item: InboundItem, now: float) -> tuple[Any, ...]:
+    msg, contact = item.message, item.contact
+    return (
+        msg.id,
+        item.tenant,
+        item.phone_number_id,
+        msg.from_,
+        msg.from_user_id or (contact.user_id if contact else None),
+        contact.wa_id if contact else None,
+        contact.name if contact else None,
+        msg.type,
+        msg.timestamp,
+        msg.text,
+        msg.context.id if msg.context else None,
+        item.raw,
+        "pending" if item.tenant is not None else "unrouted",
+        now,
+    )
+
+
+def _ingest_op(body: ParsedBody, now: float) -> Any:
+    def op(conn: sqlite3.Connection) -> list[InboundItem]:
+        fresh: list[InboundItem] = []
+        for item in body.messages:
+            inserted = conn.execute(_INSERT_INBOX, _inbox_row(item, now)).rowcount == 1
+            if inserted and item.tenant is not None:
+                fresh.append(item)
+        conn.executemany(_INSERT_STATUS, [_status_row(s, now) for s in body.statuses])
+        conn.executemany(
+            _INSERT_EVENT, [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
+        )
+        return fresh
+
+    return op
+
+
+def _status_row(item: Any, now: float) -> tuple[Any, ...]:
+    s = item.status
+    code = s.errors[0].code if s.errors else None
+    return (
+        item.key,
+        s.id,
+        item.tenant,
+        item.phone_number_id,
+        s.status,
+        s.timestamp,
+        s.recipient_id,
+        code,
+        item.raw,
+        now,
+    )
+
+
+def _complete_op(done: Completion, now: float) -> Any:
+    def op(conn: sqlite3.Connection) -> bool:
+        cur = conn.execute(
+            "UPDATE inbox SET state = ?, error = ?, handled_at = ? WHERE event_id = ? AND state = 'pending'",
+            (done.state, done.error, now, done.event_id),
+        )
+        if cur.rowcount == 0:
+            return False
+        rows = [
+            (r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id)
+            for r in done.replies
+        ]
+        conn.executemany(_INSERT_OUTBOX, rows)
+        return True
+
+    return op
+
+
+def _pending_item(row: sqlite3.Row) -> InboundItem:
+    contact = None
+    if row["name"] is not None or row["wa_id"] is not None or row["user_id"] is not None:
+        profile = Profile(name=row["name"]) if row["name"] is not None else None
+        contact = Contact(profile=profile, wa_id=row["wa_id"], user_id=row["user_id"])
+    return InboundItem(row["phone_number_id"], row["tenant"], decode_message(row["raw"]), contact, row["raw"])
+
+
+class SqliteStore:
+    """The default `Store`: one SQLite file, safe against kill -9 and power loss."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._writer = GroupWriter(lambda: connect_writer(path))
+        self._reader: aiosqlite.Connection | None = None
+
+    @property
+    def writer(self) -> GroupWriter:
+        return self._writer
+
+    async def open(self) -> None:
+        await self._writer.start()
+        self._reader = await aiosqlite.connect(self.path)
+        self._reader.row_factory = aiosqlite.Row
+        await self._reader.execute("PRAGMA query_only=1")
+
+    async def close(self) -> None:
+        await self._writer.close()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    async def ingest(self, body: ParsedBody) -> list[InboundItem]:
+        if not len(body):
+            return []
+        result: list[InboundItem] = await self._writer.submit(_ingest_op(body, self._clock()))
+        return result
+
+    async def complete(self, done: Completion) -> bool:
+        result: bool = await self._writer.submit(_complete_op(done, self._clock()))
+        return result
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        if self._reader is None:
+            raise StoreError("the store is closed")
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
+        rows = await self._fetch(
+            "SELECT seq, tenant, phone_number_id, raw, name, wa_id, user_id FROM inbox "
+            "WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [PendingMessage(row["seq"], _pending_item(row)) for row in rows]
+
+    async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            'SELECT event_id AS id, tenant, sender AS "from", user_id, name, type, timestamp, text, '
+            "context_id, state, error, received_at FROM inbox ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(row) for row in rows]
+
+    async def outbox_for(self, event_id: str) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, tenant, recipient, type, payload, state, created_at FROM outbox "
+            "WHERE source_event_id = ? ORDER BY created_at, idem_key",
+            (event_id,),
+        )
+        return [dict(row) for row in rows]
+
+    async def healthy(self) -> bool:
+        if not self._writer.running:
+            return False
+        try:
+            await self._fetch("SELECT 1", ())
+        except (sqlite3.Error, StoreError):
+            return False
+        return True
