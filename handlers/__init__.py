@@ -1,0 +1,1 @@
+"""Bot logic. Each module exposes `router = Router(...)`; config chooses one per tenant."""
