@@ -1,0 +1,23 @@
+"""Every typed `web.AppKey` in one place: no string keys, no globals."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from aiohttp import web
+
+from alfred_bot.config import Config, Secrets
+from alfred_bot.dispatch import Dispatcher
+from alfred_bot.router import Router
+from alfred_bot.store import Store
+
+CONFIG = web.AppKey("config", Config)
+SECRETS = web.AppKey("secrets", Secrets)
+STORE = web.AppKey("store", Store)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+ROUTERS = web.AppKey("routers", dict[str, Router])
+#: phone_number_id -> tenant name, for routing inbound updates.
+TENANTS = web.AppKey("tenants", dict[str, str])
+#: Webhook outcome counters (`webhook_200`, `unrouted`, `skipped`, …) until /metrics exists.
+STATS = web.AppKey("stats", Counter[str])
+STARTED_AT = web.AppKey("started_at", float)

@@ -1,0 +1,46 @@
+"""Constant-time checks for everything a caller must prove: webhook signature, tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The `X-Hub-Signature-256` value Meta would send for `body` (used by `simulate` and tests)."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signature_ok(body: bytes, header: str | None, secrets: tuple[str, ...]) -> bool:
+    """True when `header` is `sha256=<hex>` of HMAC-SHA256(secret, raw body) for any secret.
+
+    The raw bytes are hashed exactly as received: Meta signs its escaped-unicode serialisation,
+    so re-encoding parsed JSON would not match. Hex case is ignored (the digest is the same).
+    Several secrets are accepted so an app secret can be rotated without refusing webhooks.
+    """
+    if not header:
+        return False
+    prefix, _, hexdigest = header.partition("=")
+    if prefix != "sha256" or not _HEX64.fullmatch(hexdigest):
+        return False
+    given = bytes.fromhex(hexdigest)
+    matches = [hmac.compare_digest(hmac.new(s.encode(), body, hashlib.sha256).digest(), given) for s in secrets]
+    return any(matches)
+
+
+def token_ok(given: str | None, expected: str | None) -> bool:
+    """Constant-time token comparison; an unset expected token accepts nothing."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None

@@ -1,0 +1,96 @@
+"""Meta's webhook: the verify handshake (GET) and updates (POST).
+
+The POST handler is deliberately thin and strictly ordered:
+signature present → size → body read (bounded in time) → signature valid → decode → durable
+commit → 200. A 200 is Meta's only signal to stop retrying, so it is sent only after the
+commit; anything that prevents the commit is a 5xx and Meta redelivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from alfred_bot import keys
+from alfred_bot.parse import EnvelopeError, parse_body
+from alfred_bot.security import signature_ok, token_ok
+from alfred_bot.store import StoreError
+
+log = logging.getLogger("alfred.webhook")
+
+
+async def verify(request: web.Request) -> web.Response:
+    """Answer Meta's subscription handshake: echo `hub.challenge` when the verify token matches."""
+    query = request.query
+    expected = request.app[keys.SECRETS].verify_token
+    challenge = query.get("hub.challenge")
+    if (
+        query.get("hub.mode") == "subscribe"
+        and challenge is not None
+        and token_ok(query.get("hub.verify_token"), expected)
+    ):
+        log.info("webhook verified by Meta")
+        return web.Response(text=challenge, content_type="text/plain")
+    log.warning("webhook verification refused")
+    return web.Response(status=403, text="verification failed")
+
+
+def _refuse(request: web.Request, status: int, reason: str) -> web.Response:
+    request.app[keys.STATS][f"webhook_{status}"] += 1
+    log.warning("webhook refused with %d: %s", status, reason)
+    response = web.Response(status=status, text=reason)
+    if status in (408, 413):
+        response.force_close()  # the unread rest of the body makes the connection unusable
+    return response
+
+
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    cfg = request.app[keys.CONFIG].webhook
+    if request.content_length is not None and request.content_length > cfg.max_body_bytes:
+        return _refuse(request, 413, f"body larger than {cfg.max_body_bytes} bytes")
+    try:
+        async with asyncio.timeout(cfg.body_timeout_seconds):
+            return await request.read()
+    except TimeoutError:
+        return _refuse(request, 408, "body not received in time")
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(request, 413, f"body larger than {cfg.max_body_bytes} bytes")
+
+
+async def receive(request: web.Request) -> web.Response:
+    """Accept one POST of updates: 200 only once every update in it is committed."""
+    app = request.app
+    header = request.headers.get("X-Hub-Signature-256")
+    if not header:
+        return _refuse(request, 403, "missing X-Hub-Signature-256")
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if not signature_ok(body, header, app[keys.SECRETS].app_secrets):
+        return _refuse(request, 403, "invalid signature")
+    try:
+        tenants = app[keys.TENANTS]
+        parsed = parse_body(body, tenants)
+    except EnvelopeError as exc:
+        return _refuse(request, 400, str(exc))
+    try:
+        fresh = await app[keys.STORE].ingest(parsed)
+    except StoreError as exc:
+        log.error("webhook not stored, Meta will retry: %s", exc)
+        return _refuse(request, 503, "temporarily unable to store the update")
+    app[keys.DISPATCHER].offer(fresh)
+    _count(app, parsed.skipped, sum(1 for m in parsed.messages if m.tenant is None), len(fresh))
+    return web.Response(text="OK")
+
+
+def _count(app: web.Application, skipped: int, unrouted: int, fresh: int) -> None:
+    stats = app[keys.STATS]
+    stats["webhook_200"] += 1
+    stats["messages_new"] += fresh
+    if skipped:
+        stats["items_skipped"] += skipped
+    if unrouted:
+        stats["messages_unrouted"] += unrouted
+        log.warning("%d message(s) for a phone number id no tenant owns: stored, not dispatched", unrouted)
