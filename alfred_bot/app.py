@@ -64,4 +64,4 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher = app[keys.DISPATCHER]
     await dispatcher.start()
     yield
-    await dispatcher.stop()
+    await dispatcher.stop(app[keys.CONFIG].dispatch.shutdown_grace_seconds)

@@ -73,6 +73,7 @@ class DispatchConfig(_Section, frozen=True):
     workers: int = 4
     queue_size: int = 1000
     handler_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 5.0
     fallback_text: str = "Sorry, something went wrong on our side. Please try again in a moment."
 
 
@@ -211,6 +212,7 @@ def _check(cfg: Config) -> None:
         (cfg.dispatch.workers >= 1, "dispatch.workers: must be at least 1"),
         (cfg.dispatch.queue_size >= 1, "dispatch.queue_size: must be at least 1"),
         (cfg.dispatch.handler_timeout_seconds > 0, "dispatch.handler_timeout_seconds: must be > 0"),
+        (cfg.dispatch.shutdown_grace_seconds >= 0, "dispatch.shutdown_grace_seconds: must be >= 0"),
         (bool(cfg.tenants), "tenants: at least one [tenants.NAME] section with a phone_number_id is required"),
     ]
     for ok, message in checks:
