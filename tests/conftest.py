@@ -1,0 +1,81 @@
+"""Shared fixtures: a real config, real SQLite under tmp_path, the real app via pytest-aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from alfred_bot.app import create_app
+from alfred_bot.config import Config, Secrets, load_secrets, parse_config
+from tests import payloads
+
+APP_SECRET = "test-app-secret-0123456789"
+VERIFY_TOKEN = "test-verify-token"
+API_TOKEN = "test-api-token"
+
+ENV = {"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN, "ALFRED_API_TOKEN": API_TOKEN}
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "storage": {"path": str(tmp_path / "alfred.db")},
+        "tenants": {"home": {"phone_number_id": payloads.PNID}, "biz": {"phone_number_id": payloads.BIZ_PNID}},
+    }
+    data.update(sections)
+    return parse_config(data)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def secrets() -> Secrets:
+    return load_secrets(ENV)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, cfg: Config, secrets: Secrets) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(cfg, secrets))
+    return client
+
+
+async def post_webhook(client: TestClient[Any, Any], body: bytes, secret: str = APP_SECRET) -> int:
+    """POST a signed body; return the status."""
+    data: Any = io.BytesIO(body) if len(body) > 1_000_000 else body  # aiohttp warns on large raw bytes
+    resp = await client.post("/webhook", data=data, headers=payloads.headers(body, secret))
+    await resp.read()
+    return resp.status
+
+
+async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def db_rows(path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Read the real database file directly, as an operator would."""
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()

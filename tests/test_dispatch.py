@@ -1,0 +1,192 @@
+"""Dispatch: back-pressure, handler failures, exactly-once replies and recovery after restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from alfred_bot import keys
+from alfred_bot.app import create_app
+from alfred_bot.context import Context, ReplyError
+from alfred_bot.models import Message
+from alfred_bot.parse import decode_message
+from alfred_bot.router import Router
+from tests import payloads
+from tests.conftest import db_rows, make_config, post_webhook, wait_for
+
+
+def _count(path: Any, where: str = "") -> int:
+    return int(db_rows(path, f"SELECT COUNT(*) FROM {where}")[0][0])
+
+
+def _reply_texts(path: Any, event_id: str) -> list[str]:
+    rows = db_rows(path, "SELECT payload FROM outbox WHERE source_event_id = ? ORDER BY idem_key", (event_id,))
+    return [json.loads(r[0])["text"]["body"] for r in rows]
+
+
+class Gate:
+    """A handler that blocks until released, counting calls per message id."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.calls: dict[str, int] = {}
+        self.router = Router("gate")
+        self.router.default(self.handle)
+
+    async def handle(self, message: Message, ctx: Context) -> None:
+        self.calls[message.id] = self.calls.get(message.id, 0) + 1
+        await self.open.wait()
+        ctx.reply(f"done {message.text}")
+
+
+async def test_full_queue_still_answers_200_and_everything_is_handled(
+    aiohttp_client: Any, tmp_path: Path, secrets: Any
+) -> None:
+    cfg = make_config(tmp_path, dispatch={"queue_size": 2, "workers": 1})
+    gate = Gate()
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": gate.router, "biz": gate.router}))
+    ids = [f"wamid.BP{i:03d}" for i in range(30)]
+    for wid in ids:
+        assert await post_webhook(client, payloads.body_of(payloads.text(wid, id=wid))) == 200
+    dispatcher = client.app[keys.DISPATCHER]
+    assert dispatcher.counts["overflow"] > 0
+    assert _count(cfg.storage.path, "inbox WHERE state = 'pending'") >= 28
+    gate.open.set()
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 30)
+    assert gate.calls == dict.fromkeys(ids, 1)
+    for wid in ids:
+        assert _reply_texts(cfg.storage.path, wid) == [f"done {wid}"]
+
+
+async def test_handler_error_marks_failed_and_sends_fallback(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
+    cfg = make_config(tmp_path, dispatch={"fallback_text": "Lo siento, no pude procesar tu mensaje."})
+    router = Router()
+
+    @router.message("text", text="^boom")
+    async def boom(message: Message, ctx: Context) -> None:
+        ctx.reply("half of a reply")
+        raise RuntimeError("kaput")
+
+    @router.default
+    async def fine(message: Message, ctx: Context) -> None:
+        ctx.reply("fine")
+
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": router}))
+    body = payloads.body_of(payloads.text("boom", id="wamid.BOOM"), payloads.text("ok", id="wamid.OK"))
+    assert await post_webhook(client, body) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state != 'pending'") == 2)
+    state, error = db_rows(cfg.storage.path, "SELECT state, error FROM inbox WHERE event_id = 'wamid.BOOM'")[0]
+    assert state == "failed"
+    assert error == "RuntimeError: kaput"
+    assert _reply_texts(cfg.storage.path, "wamid.BOOM") == ["Lo siento, no pude procesar tu mensaje."]
+    assert _reply_texts(cfg.storage.path, "wamid.OK") == ["fine"]
+    assert client.app[keys.DISPATCHER].counts["failed"] == 1
+
+
+async def test_handler_timeout_is_a_failure(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
+    cfg = make_config(tmp_path, dispatch={"handler_timeout_seconds": 0.1})
+    router = Router()
+
+    @router.default
+    async def slow(message: Message, ctx: Context) -> None:
+        await asyncio.sleep(10)
+
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": router}))
+    assert await post_webhook(client, payloads.body_of(payloads.text("slow", id="wamid.SLOW"))) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'failed'") == 1)
+    assert db_rows(cfg.storage.path, "SELECT error FROM inbox")[0][0] == "handler timed out"
+    assert len(_reply_texts(cfg.storage.path, "wamid.SLOW")) == 1
+
+
+async def test_no_fallback_when_configured_empty(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
+    cfg = make_config(tmp_path, dispatch={"fallback_text": ""})
+    router = Router()
+
+    @router.default
+    async def bad(message: Message, ctx: Context) -> None:
+        raise ValueError("nope")
+
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": router}))
+    assert await post_webhook(client, payloads.body_of(payloads.text("x", id="wamid.NOFB"))) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'failed'") == 1)
+    assert _count(cfg.storage.path, "outbox") == 0
+
+
+async def test_invalid_reply_is_refused_before_queueing() -> None:
+    ctx = Context(tenant="home", phone_number_id=payloads.PNID, message=_decode(payloads.text("hi")), contact=None)
+    for bad in ("", "   ", "x" * 4097):
+        try:
+            ctx.reply(bad)
+        except ReplyError:
+            pass
+        else:
+            raise AssertionError(f"accepted {bad[:10]!r}")
+    assert ctx.replies == []
+    ctx.reply("x" * 4096, quote=True)
+    payload = json.loads(ctx.replies[0].payload)
+    assert payload["context"] == {"message_id": ctx.message.id}
+    assert payload["to"] == payloads.USER
+
+
+def _decode(msg: dict[str, Any]) -> Message:
+    return decode_message(payloads.dump(msg))
+
+
+async def test_accepted_but_unhandled_messages_are_handled_after_restart(
+    aiohttp_client: Any, tmp_path: Path, secrets: Any
+) -> None:
+    cfg = make_config(tmp_path, dispatch={"shutdown_grace_seconds": 0})
+    stuck = Gate()
+    first = await aiohttp_client(create_app(cfg, secrets, routers={"home": stuck.router}))
+    ids = [f"wamid.RS{i}" for i in range(5)]
+    for wid in ids:
+        assert await post_webhook(first, payloads.body_of(payloads.text(wid, id=wid))) == 200
+    await wait_for(lambda: len(stuck.calls) >= 1)
+    await first.close()  # shutdown with handlers still busy: nothing is half-written
+    assert _count(cfg.storage.path, "inbox WHERE state = 'pending'") == 5
+    assert _count(cfg.storage.path, "outbox") == 0
+
+    again = Gate()
+    again.open.set()
+    second = await aiohttp_client(create_app(cfg, secrets, routers={"home": again.router}))
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 5)
+    assert again.calls == dict.fromkeys(ids, 1)
+    assert second.app[keys.DISPATCHER].counts["recovered"] == 5
+    for wid in ids:
+        assert _reply_texts(cfg.storage.path, wid) == [f"done {wid}"]
+
+
+async def test_echo_handler_replies(client: Any, cfg: Any) -> None:
+    long_text = "é" * 5000
+    msgs = [
+        payloads.text("héllo 👋 \u202e", id="wamid.E1"),
+        payloads.text(long_text, id="wamid.E2"),
+        dict(payloads.SAMPLES["image"], id="wamid.E3"),
+        dict(payloads.SAMPLES["system"], id="wamid.E4"),
+    ]
+    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 4)
+    assert _reply_texts(cfg.storage.path, "wamid.E1") == ["You said: héllo 👋 \u202e"]
+    [cut] = _reply_texts(cfg.storage.path, "wamid.E2")
+    assert len(cut) == 4096 and cut.endswith("…") and cut.startswith("You said: ééé")
+    assert _reply_texts(cfg.storage.path, "wamid.E3") == ["Thanks! I received your image message."]
+    assert _reply_texts(cfg.storage.path, "wamid.E4") == []
+
+
+async def test_router_order_and_filters() -> None:
+    router = Router()
+    seen: list[str] = []
+
+    @router.message("text", text=r"^/help")
+    async def help_(message: Message, ctx: Context) -> None:
+        seen.append("help")
+
+    @router.message("text")
+    async def any_text(message: Message, ctx: Context) -> None:
+        seen.append("text")
+
+    assert router.resolve(_decode(payloads.text("/help me"))) is help_
+    assert router.resolve(_decode(payloads.text("hi /help"))) is any_text
+    assert router.resolve(_decode(payloads.SAMPLES["image"])) is None
