@@ -41,7 +41,8 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the store answers and handler workers run; 503 otherwise (for probes)."""
     app = request.app
     dispatcher = app[keys.DISPATCHER]
-    store_ok = await app[keys.STORE].healthy()
+    store = app[keys.STORE]
+    store_ok = await store.healthy()
     ok = store_ok and dispatcher.running
     stats: dict[str, int] = dict(app[keys.STATS].items())
     body = {
@@ -49,7 +50,7 @@ async def healthz(request: web.Request) -> web.Response:
         "mode": app[keys.SECRETS].mode,
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
-        "store": "ok" if store_ok else "unavailable",
+        "store": {"status": "ok" if store_ok else "unavailable", **store.stats()},
         "dispatcher": {
             "running": dispatcher.running,
             "queue": dispatcher.queue.qsize(),

@@ -75,5 +75,8 @@ class Store(Protocol):
     async def outbox_for(self, event_id: str) -> list[dict[str, Any]]:
         """The replies queued for one inbound message."""
 
+    def stats(self) -> dict[str, int]:
+        """Counters for /healthz (e.g. writes and the commits they shared)."""
+
     async def healthy(self) -> bool:
         """True while the database answers and the writer runs."""

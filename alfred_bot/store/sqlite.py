@@ -270,6 +270,9 @@ class SqliteStore:
         )
         return [dict(row) for row in rows]
 
+    def stats(self) -> dict[str, int]:
+        return {"writes": self._writer.writes, "commits": self._writer.groups}
+
     async def healthy(self) -> bool:
         if not self._writer.running:
             return False
