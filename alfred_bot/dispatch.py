@@ -109,6 +109,9 @@ class Dispatcher:
             self._busy.add(current)
             try:
                 await self._handle(item)
+            except Exception:  # a bug here must not kill the worker; the message stays pending
+                log.exception("dispatch of %s failed; it stays pending", item.message.id)
+                self._retry_later()
             finally:
                 self._busy.discard(current)
                 self._inflight.discard(item.message.id)

@@ -13,6 +13,7 @@ from alfred_bot.context import Context, ReplyError
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
+from alfred_bot.store import Completion, SqliteStore
 from tests import payloads
 from tests.conftest import db_rows, make_config, post_webhook, wait_for
 
@@ -190,3 +191,27 @@ async def test_router_order_and_filters() -> None:
     assert router.resolve(_decode(payloads.text("/help me"))) is help_
     assert router.resolve(_decode(payloads.text("hi /help"))) is any_text
     assert router.resolve(_decode(payloads.SAMPLES["image"])) is None
+
+
+class FlakyStore(SqliteStore):
+    """A real store whose first completion fails with an unexpected error (fault injection)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failures = 1
+
+    async def complete(self, done: Completion) -> bool:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected fault")
+        return await super().complete(done)
+
+
+async def test_worker_survives_a_failing_completion(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
+    cfg = make_config(tmp_path)
+    store = FlakyStore(Path(cfg.storage.path))
+    client = await aiohttp_client(create_app(cfg, secrets, store=store))
+    assert await post_webhook(client, payloads.body_of(payloads.text("retry me", id="wamid.FLAKY"))) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1)
+    assert _reply_texts(cfg.storage.path, "wamid.FLAKY") == ["You said: retry me"]
+    assert (await client.get("/healthz")).status == 200

@@ -110,3 +110,16 @@ async def test_writes_after_close_are_refused(store: SqliteStore) -> None:
     with pytest.raises(StoreError):
         await store.ingest(_body(payloads.text("late")))
     assert await store.healthy() is False
+
+
+async def test_undecodable_pending_row_is_skipped_not_blocking(store: SqliteStore) -> None:
+    def insert_bad(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO inbox (event_id, tenant, phone_number_id, type, timestamp, raw, state, received_at) "
+            "VALUES ('wamid.OLD', 'home', ?, 'text', 1, ?, 'pending', 0)",
+            (payloads.PNID, b'{"id": "wamid.OLD", "type": "text", "timestamp": 1, "from": "1", "text": null}'),
+        )
+
+    await store.writer.submit(insert_bad)
+    await store.ingest(_body(payloads.text("after", id="wamid.AFTER")))
+    assert [p.item.message.id for p in await store.pending(0, 10)] == ["wamid.AFTER"]

@@ -6,6 +6,7 @@ reads go through an aiosqlite connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 import aiosqlite
 
 from alfred_bot.models import Contact, Profile
-from alfred_bot.parse import InboundItem, ParsedBody, decode_message
+from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, decode_message
 from alfred_bot.store.base import Completion, PendingMessage, StoreError
 from alfred_bot.store.writer import GroupWriter
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("alfred.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -252,7 +255,13 @@ class SqliteStore:
             "WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
-        return [PendingMessage(row["seq"], _pending_item(row)) for row in rows]
+        pending: list[PendingMessage] = []
+        for row in rows:
+            try:
+                pending.append(PendingMessage(row["seq"], _pending_item(row)))
+            except MalformedItem as exc:  # only if a newer model refuses an old row: skip, never block
+                log.error("pending message seq %d cannot be decoded, skipped: %s", row["seq"], exc)
+        return pending
 
     async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(

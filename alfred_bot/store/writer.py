@@ -108,7 +108,10 @@ class GroupWriter:
             while len(group) < self._max_group and not self._queue.empty():
                 group.append(self._queue.get_nowait())
             ops = [op for op, _ in group]
-            results = await loop.run_in_executor(self._executor, apply_group, self._connection(), ops)
+            try:
+                results = await loop.run_in_executor(self._executor, apply_group, self._connection(), ops)
+            except Exception as exc:  # noqa: BLE001 (never leave a caller waiting forever)
+                results = [_Failed(StoreError(f"writer failed: {exc}"))] * len(group)
             self.groups += 1
             self.writes += len(group)
             for (_, future), result in zip(group, results, strict=True):
