@@ -490,7 +490,6 @@ class Entry(_Wire, frozen=True):
 
 
 class Envelope(_Wire, frozen=True):
-    """The POST body. Only `entry` is required; anything else broken is isolated per item."""
+    """The POST body. Only `entry` is read here (`object` is not needed and never fails a body)."""
 
     entry: list[msgspec.Raw]
-    object: str | None = None

@@ -83,7 +83,8 @@ class EventItem(msgspec.Struct, frozen=True):
     @property
     def key(self) -> str:
         """Identical redeliveries share a key; distinct events practically never do."""
-        digest = hashlib.sha256(self.field.encode() + b"\0" + (self.waba_id or "").encode() + b"\0" + self.raw)
+        scope = f"{self.field}\0{self.waba_id or ''}\0{self.phone_number_id or ''}\0".encode()
+        digest = hashlib.sha256(scope + self.raw)
         return digest.hexdigest()
 
 
@@ -130,6 +131,10 @@ def _decode_head(raw: bytes | msgspec.Raw, first: Exception) -> MessageHead:
 
 def parse_body(body: bytes, tenants: Mapping[str, str]) -> ParsedBody:
     """Decode a whole webhook body. `tenants` maps phone_number_id to tenant name."""
+    try:
+        body.decode("utf-8")  # msgspec checks UTF-8 only in what it decodes, not inside Raw parts
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(f"body is not valid UTF-8 JSON (byte {exc.start})") from None
     try:
         envelope = _envelope.decode(body)
     except msgspec.ValidationError as exc:

@@ -141,7 +141,18 @@ async def test_sandbox_secret_when_no_app_secret(aiohttp_client: Any, cfg: Any) 
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"{", b"[]", b'"text"', b"{}", b'{"entry": {}}', b'{"entry": null}', b'{"object": "x"}', b""],
+    [
+        b"not json",
+        b"{",
+        b"[]",
+        b'"text"',
+        b"{}",
+        b'{"entry": {}}',
+        b'{"entry": null}',
+        b'{"object": "x"}',
+        b"",
+        b'{"entry": [{"id": "\xff"}]}',
+    ],
 )
 async def test_broken_envelope_is_400(client: TestClient[Any, Any], cfg: Any, body: bytes) -> None:
     assert await post_webhook(client, body) == 400
