@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sqlite3
 import sys
 import time
@@ -94,11 +95,16 @@ def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int |
     """Run the server until SIGINT/SIGTERM."""
     setup_logging(cfg.logging.level, cfg.logging.format)
     announce(cfg, secrets)
+    host = host or cfg.server.host
+    port = cfg.server.port if port is None else port
     try:
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"--port: must be between 1 and 65535, got {port}")
         app = create_app(cfg, secrets)
-        host, port = host or cfg.server.host, port or cfg.server.port
-        log.info("listening on http://%s:%d", host, port)
-        web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10)
+        # Bind before the app starts, so a busy port fails before the store or workers run.
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        log.info("listening on %s", _http_url(host, port, "/"))
+        web.run_app(app, sock=sock, print=None, access_log=None, shutdown_timeout=10)
     except ConfigError as exc:
         print(f"alfred: config error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +112,11 @@ def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int |
         print(f"alfred: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _http_url(host: str, port: int, path: str) -> str:
+    """A URL for `host`, bracketing IPv6 literals."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
 def text_webhook(phone_number_id: str, sender: str, name: str, text: str, wamid: str) -> bytes:
@@ -133,7 +144,7 @@ def simulate(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
         return 2
     wildcard = cfg.server.host in ("0.0.0.0", "::", "")  # noqa: S104 (a comparison, not a bind)
     host = "127.0.0.1" if wildcard else cfg.server.host
-    url = args.url or f"http://{host}:{cfg.server.port}/webhook"
+    url = args.url or _http_url(host, cfg.server.port, "/webhook")
     wamid = f"wamid.SIM{uuid.uuid4().hex}"
     body = text_webhook(cfg.tenants[tenant].phone_number_id, args.sender, args.name, args.text, wamid)
     status = _post(url, body, sign(body, secrets.app_secrets[0]))

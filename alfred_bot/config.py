@@ -231,6 +231,7 @@ def _check(cfg: Config) -> None:
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a decoded TOML document into a `Config`, or raise `ConfigError` naming the key."""
+    data = dict(data)  # never change the caller's document
     tenants_raw = data.pop("tenants", {})
     cfg: Config = _convert(data, Config, "")
     if not isinstance(tenants_raw, dict):
