@@ -147,18 +147,29 @@ def main() -> None:
         )
         results = {
             "bare aiohttp (ceiling)": measure("bare", [sys.executable, str(bare), str(port_a)], port_a, env, args),
-            "alfred (python main.py)": measure("alfred", [sys.executable, "main.py", "--config", str(config)], port_b, env, args),
+            "alfred (python main.py)": measure(
+                "alfred", [sys.executable, "main.py", "--config", str(config)], port_b, env, args
+            ),
         }
         conn = sqlite3.connect(db)
         stored = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
         conn.close()
     ceiling = results["bare aiohttp (ceiling)"]["rps"]
-    print(f"\ningest: {args.requests} signed text webhooks (200 warm-up), concurrency {args.concurrency}, "
-          f"server on CPU 0, client on CPU 1\n")
+    print(
+        f"\ningest: {args.requests} signed text webhooks (200 warm-up), concurrency {args.concurrency}, "
+        f"server on CPU 0, client on CPU 1\n"
+    )
     print("| server | req/s | p50 ms | p99 ms | non-200 | vs ceiling |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | {r['rps'] / ceiling:.0%} |")
+        cells = [
+            f"{r['rps']:.0f}",
+            f"{r['p50']:.2f}",
+            f"{r['p99']:.2f}",
+            f"{r['errors']:.0f}",
+            f"{r['rps'] / ceiling:.0%}",
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nalfred inbox rows after the run: {stored} (expected {args.requests})")
     print(json.dumps({k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()}))
 
