@@ -1,0 +1,124 @@
+"""Pacing units, driven by a fake clock: no sleeping, exact answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_backlog(limiter: SlidingWindowLimiter, clock: FakeClock, seconds: float) -> list[float]:
+    """Start as fast as the limiter allows for `seconds`; return the start times."""
+    starts: list[float] = []
+    end = clock.now + seconds
+    while clock.now < end:
+        wait = limiter.delay()
+        if wait > 0:
+            clock.advance(wait)
+            continue
+        limiter.record()
+        starts.append(clock.now)
+        clock.advance(random.uniform(0, 0.002))  # the sender's own work between starts
+    return starts
+
+
+def worst_window(starts: list[float], width: float = 1.0) -> int:
+    worst, lo = 0, 0
+    for hi, t in enumerate(starts):
+        while t - starts[lo] >= width:
+            lo += 1
+        worst = max(worst, hi - lo + 1)
+    return worst
+
+
+@pytest.mark.parametrize("rate", [1, 80, 1000])
+def test_never_more_than_rate_in_any_second_and_near_full_throughput(rate: int) -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(rate, clock=clock)
+    starts = run_backlog(limiter, clock, 30)
+    assert worst_window(starts) <= rate
+    achieved = len(starts) / 30
+    assert achieved >= 0.97 * rate
+
+
+def test_first_burst_then_waits_exactly_for_the_window() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(3, clock=clock)
+    assert [limiter.try_acquire() for _ in range(4)] == [True, True, True, False]
+    assert limiter.delay() == pytest.approx(1.01)
+    clock.advance(1.0)
+    assert limiter.try_acquire() is False
+    clock.advance(0.01)
+    assert limiter.try_acquire() is True
+
+
+def test_fractional_rate_rounds_down_never_up() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(2.9, clock=clock)
+    assert worst_window(run_backlog(limiter, clock, 10)) <= 2
+
+
+def test_slow_down_lowers_capacity_for_a_while() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(80, clock=clock)
+    limiter.slow_down(0.5, 60)
+    assert limiter.slowed and limiter.capacity == 40
+    assert worst_window(run_backlog(limiter, clock, 10)) <= 40
+    clock.advance(60)
+    assert not limiter.slowed and limiter.capacity == 80
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="rate"):
+        SlidingWindowLimiter(0)
+
+
+def test_pair_limiter_burst_then_one_per_interval() -> None:
+    clock = FakeClock()
+    pairs = PairLimiter(burst=45, interval=6.0, clock=clock)
+    for _ in range(45):
+        assert pairs.delay("a") == 0
+        pairs.record("a")
+    assert pairs.delay("a") == pytest.approx(6.0)
+    assert pairs.delay("b") == 0  # other recipients are not affected
+    clock.advance(6.0)
+    assert pairs.delay("a") == 0
+
+
+def test_pair_limit_error_backs_off_4_to_the_x_for_that_recipient_only() -> None:
+    clock = FakeClock()
+    pairs = PairLimiter(clock=clock)
+    assert [pairs.on_pair_limit("a") for _ in range(4)] == [1.0, 4.0, 16.0, 64.0]
+    assert pairs.delay("a") == pytest.approx(64.0)
+    assert pairs.delay("b") == 0
+    pairs.on_success("a")
+    assert pairs.delay("a") == 0
+    assert pairs.on_pair_limit("a") == 1.0
+
+
+def test_pair_backoff_is_capped_and_state_pruned() -> None:
+    clock = FakeClock()
+    pairs = PairLimiter(max_backoff=100.0, clock=clock)
+    backoffs = [pairs.on_pair_limit("a") for _ in range(6)]
+    assert max(backoffs) == 100.0
+    pairs.record("b")
+    clock.advance(100.0)
+    pairs.prune()
+    assert pairs.on_pair_limit("a") == 100.0  # strikes survive just after the block ends
+    clock.advance(1000.0)
+    pairs.prune()
+    assert pairs.on_pair_limit("a") == 1.0
+    assert pairs.delay("b") == 0
