@@ -19,6 +19,7 @@ from alfred_bot import api, keys, webhook
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.router import Router, routers_for
+from alfred_bot.security import BodyBudget
 from alfred_bot.store import SqliteStore, Store
 
 log = logging.getLogger("alfred.app")
@@ -41,6 +42,7 @@ def create_app(
     app[keys.TENANTS] = cfg.tenant_by_phone_number_id()
     app[keys.STATS] = Counter()
     app[keys.STARTED_AT] = time.time()
+    app[keys.BODY_BUDGET] = BodyBudget(cfg.webhook.max_inflight_bytes)
     app[keys.DISPATCHER] = Dispatcher(app[keys.STORE], tenant_routers, cfg.dispatch)
     app.router.add_get("/webhook", webhook.verify)
     app.router.add_post("/webhook", webhook.receive)

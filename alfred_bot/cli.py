@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sqlite3
 import sys
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from alfred_bot import __version__
 from alfred_bot.app import create_app
-from alfred_bot.config import Config, ConfigError, Secrets, load_config, load_secrets
+from alfred_bot.config import Config, ConfigError, Secrets, load_config, load_secrets, sandbox_secret
 from alfred_bot.logs import setup_logging
 from alfred_bot.security import sign
 from alfred_bot.store import StoreError
@@ -61,13 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(getattr(args, "config", Path("config.toml")))
-        secrets = load_secrets()
+        secrets = load_secrets(sandbox=_sandbox_secret(cfg))
     except ConfigError as exc:
         print(f"alfred: config error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"alfred: cannot start: {exc}", file=sys.stderr)
+        return 1
     if args.command == "simulate":
         return simulate(args, cfg, secrets)
     return serve(cfg, secrets, host=args.host, port=args.port)
+
+
+def _sandbox_secret(cfg: Config) -> str:
+    """Only touch the data folder for a sandbox secret when no real app secret is set."""
+    if os.environ.get("WHATSAPP_APP_SECRET", "").strip():
+        return ""
+    return sandbox_secret(cfg.storage.path)
 
 
 def announce(cfg: Config, secrets: Secrets) -> None:
@@ -81,8 +92,8 @@ def announce(cfg: Config, secrets: Secrets) -> None:
         )
     if "WHATSAPP_APP_SECRET" in missing:
         log.warning(
-            "WHATSAPP_APP_SECRET is not set: webhooks are verified with the local sandbox secret "
-            "(use `python main.py simulate`)"
+            "WHATSAPP_APP_SECRET is not set: webhooks are verified with this install's random sandbox "
+            "secret (kept beside the database; `python main.py simulate` uses it)"
         )
     if "WHATSAPP_VERIFY_TOKEN" in missing:
         log.warning("WHATSAPP_VERIFY_TOKEN is not set: GET /webhook refuses Meta's verification handshake")

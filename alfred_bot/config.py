@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets as secrets_module
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Any, Literal
 
 import msgspec
 
-#: The app secret used to sign and verify webhooks when WHATSAPP_APP_SECRET is not set.
-#: It is public on purpose: sandbox mode only talks to `simulate` on this machine.
-SANDBOX_APP_SECRET = "alfred-sandbox-app-secret"  # noqa: S105 (public by design, sandbox only)
+#: Fallback sandbox secret for callers that pass none (tests). `python main.py` instead uses a
+#: random per-install secret kept in the data folder (`sandbox_secret`), which `simulate` reads.
+SANDBOX_APP_SECRET = "alfred-sandbox-app-secret"  # noqa: S105 (public by design, tests only)
+SANDBOX_SECRET_FILE = "sandbox-app-secret"  # noqa: S105 (a file name)
 
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -65,6 +67,7 @@ class WebhookConfig(_Section, frozen=True):
 
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_seconds: float = 10.0
+    max_inflight_bytes: int = 32 * 1024 * 1024
 
 
 class DispatchConfig(_Section, frozen=True):
@@ -153,7 +156,24 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def load_secrets(environ: Mapping[str, str] | None = None) -> Secrets:
+def sandbox_secret(storage_path: str | Path) -> str:
+    """The random sandbox app secret of this install, created (mode 0600) beside the database.
+
+    Why not a constant: anyone who can reach the port could then sign webhooks. The file is
+    shared with `python main.py simulate`, which reads the same config.
+    """
+    path = Path(storage_path).parent / SANDBOX_SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secrets_module.token_hex(32))
+    return path.read_text(encoding="ascii").strip()
+
+
+def load_secrets(environ: Mapping[str, str] | None = None, *, sandbox: str = SANDBOX_APP_SECRET) -> Secrets:
     """Read credentials from the environment.
 
     `WHATSAPP_APP_SECRET_PREVIOUS` lets two app secrets verify webhooks while one is rotated.
@@ -164,7 +184,7 @@ def load_secrets(environ: Mapping[str, str] | None = None) -> Secrets:
     secret = _env(env, "WHATSAPP_APP_SECRET")
     previous = _env(env, "WHATSAPP_APP_SECRET_PREVIOUS")
     secrets = Secrets(
-        app_secrets=tuple(s for s in (secret or SANDBOX_APP_SECRET, previous) if s),
+        app_secrets=tuple(s for s in (secret or sandbox, previous) if s),
         verify_token=_env(env, "WHATSAPP_VERIFY_TOKEN"),
         access_token=_env(env, "WHATSAPP_ACCESS_TOKEN"),
         api_token=_env(env, "ALFRED_API_TOKEN"),
@@ -209,6 +229,10 @@ def _check(cfg: Config) -> None:
         (cfg.outbound.rate_per_second > 0, "outbound.rate_per_second: must be > 0"),
         (cfg.webhook.max_body_bytes >= 1024, "webhook.max_body_bytes: must be at least 1024"),
         (cfg.webhook.body_timeout_seconds > 0, "webhook.body_timeout_seconds: must be > 0"),
+        (
+            cfg.webhook.max_inflight_bytes >= cfg.webhook.max_body_bytes,
+            "webhook.max_inflight_bytes: must be at least webhook.max_body_bytes",
+        ),
         (cfg.dispatch.workers >= 1, "dispatch.workers: must be at least 1"),
         (cfg.dispatch.queue_size >= 1, "dispatch.queue_size: must be at least 1"),
         (cfg.dispatch.handler_timeout_seconds > 0, "dispatch.handler_timeout_seconds: must be > 0"),

@@ -25,6 +25,7 @@ log = logging.getLogger("alfred.dispatch")
 
 SCAN_BATCH = 200
 RETRY_DELAY = 1.0
+COMMIT_RETRY_CAP = 30.0
 
 
 class Dispatcher:
@@ -36,7 +37,7 @@ class Dispatcher:
         self._cfg = cfg
         self.queue: asyncio.Queue[InboundItem] = asyncio.Queue(maxsize=cfg.queue_size)
         self._inflight: set[str] = set()
-        self._done_during_scan: set[str] = set()
+        self._done_during_scan: set[str] | None = None  # only while a scan batch is in progress
         self._backlog = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
@@ -78,25 +79,37 @@ class Dispatcher:
             self._backlog.clear()
             try:
                 await self._scan()
-            except (StoreError, OSError, ValueError) as exc:
-                log.error("catch-up scan failed, retrying: %s", exc)
+            except Exception:  # the scan must outlive any read error, or pending rows wait forever
+                log.exception("catch-up scan failed, retrying in %.0f s", RETRY_DELAY)
                 self._retry_later()
 
     async def _scan(self) -> None:
-        cursor = 0
-        while True:
-            self._done_during_scan.clear()
-            batch = await self._store.pending(cursor, SCAN_BATCH)
-            if not batch:
-                return
-            for pending in batch:
-                cursor = pending.seq
-                event_id = pending.item.message.id
-                if event_id in self._inflight or event_id in self._done_during_scan:
-                    continue
-                self._inflight.add(event_id)
-                self.counts["recovered"] += 1
-                await self.queue.put(pending.item)
+        cursor: int | None = 0
+        try:
+            while cursor is not None:
+                cursor = await self._scan_batch(cursor)
+        finally:
+            self._done_during_scan = None
+
+    async def _scan_batch(self, cursor: int) -> int | None:
+        """Queue one batch of pending rows after `cursor`; return the next cursor, None at the end.
+
+        Completions are remembered from just before the read until the batch is queued: a row
+        read as pending but completed meanwhile must not be queued again.
+        """
+        done: set[str] = set()
+        self._done_during_scan = done
+        batch = await self._store.pending(cursor, SCAN_BATCH)
+        if not batch:
+            return None
+        for pending in batch:
+            event_id = pending.item.message.id
+            if event_id in self._inflight or event_id in done:
+                continue
+            self._inflight.add(event_id)
+            self.counts["recovered"] += 1
+            await self.queue.put(pending.item)
+        return batch[-1].seq
 
     def _retry_later(self) -> None:
         asyncio.get_running_loop().call_later(RETRY_DELAY, self._backlog.set)
@@ -115,17 +128,26 @@ class Dispatcher:
             finally:
                 self._busy.discard(current)
                 self._inflight.discard(item.message.id)
-                self._done_during_scan.add(item.message.id)
+                if self._done_during_scan is not None:
+                    self._done_during_scan.add(item.message.id)
                 self.queue.task_done()
 
     async def _handle(self, item: InboundItem) -> None:
         done = await self._run_handler(item)
-        try:
-            await self._store.complete(done)
-        except StoreError as exc:
-            log.error("could not record the outcome of %s, will retry: %s", done.event_id, exc)
-            self._retry_later()
-            return
+        attempt = 0
+        while True:
+            try:
+                await self._store.complete(done)
+                break
+            except StoreError as exc:
+                # Keep the outcome and retry only the commit: re-running the handler would
+                # repeat its side effects. If we are stopping, the message stays pending.
+                delay = min(COMMIT_RETRY_CAP, RETRY_DELAY * 2**attempt)
+                log.error("could not record the outcome of %s, retrying in %.0f s: %s", done.event_id, delay, exc)
+                if self._stopping:
+                    return
+                await asyncio.sleep(delay)
+                attempt += 1
         self.counts["handled" if done.state == "handled" else "failed"] += 1
 
     async def _run_handler(self, item: InboundItem) -> Completion:
@@ -143,12 +165,18 @@ class Dispatcher:
                     await handler(message, ctx)
         except Exception as exc:  # noqa: BLE001 (a handler bug must not stop the bot)
             return self._failed(ctx, exc)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being stopped: the message stays pending
+            return self._failed(ctx, exc)
         log.debug("handled %s in %.1f ms", message.id, (time.perf_counter() - started) * 1000)
         return Completion(message.id, "handled", tuple(ctx.replies))
 
-    def _failed(self, ctx: Context, exc: Exception) -> Completion:
+    def _failed(self, ctx: Context, exc: BaseException) -> Completion:
         """Drop whatever the handler queued; queue the configured fallback instead."""
         reason = "handler timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # storable whatever it holds
         log.error("handler failed for %s (tenant %s): %s", ctx.message.id, ctx.tenant, reason)
         ctx.replies.clear()
         if self._cfg.fallback_text.strip():

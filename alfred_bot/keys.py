@@ -9,6 +9,7 @@ from aiohttp import web
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.router import Router
+from alfred_bot.security import BodyBudget
 from alfred_bot.store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -21,3 +22,5 @@ TENANTS = web.AppKey("tenants", dict[str, str])
 #: Webhook outcome counters (`webhook_200`, `unrouted`, `skipped`, …) until /metrics exists.
 STATS = web.AppKey("stats", Counter[str])
 STARTED_AT = web.AppKey("started_at", float)
+#: Bytes of not-yet-verified webhook bodies held in memory (bounded, see webhook.BodyBudget).
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)

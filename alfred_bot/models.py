@@ -8,11 +8,14 @@ ignored (Meta adds fields all the time); missing required ones make that one ite
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 
 # ---------------------------------------------------------------------------- shared parts
+
+#: Integers SQLite can store: a larger number makes that one item malformed, not the batch.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Wire(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -26,7 +29,7 @@ class ErrorData(_Wire, frozen=True):
 class WireError(_Wire, frozen=True):
     """Meta's error object, as found in messages, statuses and `value.errors`."""
 
-    code: int
+    code: Int64
     title: str | None = None
     message: str | None = None
     error_data: ErrorData | None = None
@@ -213,7 +216,7 @@ class Reaction(_Wire, frozen=True):
 
 class ProductItem(_Wire, frozen=True):
     product_retailer_id: str
-    quantity: int
+    quantity: Int64
     item_price: float
     currency: str
 
@@ -246,7 +249,7 @@ class BaseMessage(_Wire, frozen=True, kw_only=True, tag_field="type"):
     id: str
     from_: str | None = msgspec.field(default=None, name="from")
     from_user_id: str | None = None
-    timestamp: int
+    timestamp: Int64
     context: Context | None = None
     referral: Referral | None = None
     errors: list[WireError] | None = None
@@ -377,7 +380,7 @@ class UnknownMessage(_Wire, frozen=True, kw_only=True):
     type: str
     from_: str | None = msgspec.field(default=None, name="from")
     from_user_id: str | None = None
-    timestamp: int
+    timestamp: Int64
     context: Context | None = None
     raw: bytes = b""
 
@@ -417,7 +420,7 @@ class MessageHead(_Wire, frozen=True, kw_only=True):
     type: str
     from_: str | None = msgspec.field(default=None, name="from")
     from_user_id: str | None = None
-    timestamp: int
+    timestamp: Int64
     context: Context | None = None
 
 
@@ -458,7 +461,7 @@ class Status(_Wire, frozen=True):
 
     id: str
     status: str
-    timestamp: int
+    timestamp: Int64
     recipient_id: str | None = None
     recipient_type: str | None = None
     recipient_participant_id: str | None = None
@@ -485,7 +488,7 @@ class Change(_Wire, frozen=True):
 
 class Entry(_Wire, frozen=True):
     id: str | None = None
-    time: int | None = None
+    time: Int64 | None = None
     changes: list[msgspec.Raw] | None = None
 
 

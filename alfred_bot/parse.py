@@ -88,16 +88,32 @@ class EventItem(msgspec.Struct, frozen=True):
         return digest.hexdigest()
 
 
+class RejectedItem(msgspec.Struct, frozen=True):
+    """A malformed item, kept raw with the reason (a quarantine an operator can inspect)."""
+
+    what: str
+    reason: str
+    raw: bytes
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.what.encode() + b"\0" + self.raw).hexdigest()
+
+
 class ParsedBody(msgspec.Struct):
-    """Everything one POST carried, plus how many items were skipped as malformed."""
+    """Everything one POST carried, including the malformed items it skipped."""
 
     messages: list[InboundItem] = msgspec.field(default_factory=list)
     statuses: list[StatusItem] = msgspec.field(default_factory=list)
     events: list[EventItem] = msgspec.field(default_factory=list)
-    skipped: int = 0
+    rejected: list[RejectedItem] = msgspec.field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.rejected)
 
     def __len__(self) -> int:
-        return len(self.messages) + len(self.statuses) + len(self.events)
+        return len(self.messages) + len(self.statuses) + len(self.events) + len(self.rejected)
 
 
 def decode_message(raw: bytes | msgspec.Raw) -> Message:
@@ -129,36 +145,44 @@ def _decode_head(raw: bytes | msgspec.Raw, first: Exception) -> MessageHead:
         raise MalformedItem(f"message: {exc}") from first
 
 
-def parse_body(body: bytes, tenants: Mapping[str, str]) -> ParsedBody:
-    """Decode a whole webhook body. `tenants` maps phone_number_id to tenant name."""
+def _decode_envelope(body: bytes) -> Envelope:
     try:
         body.decode("utf-8")  # msgspec checks UTF-8 only in what it decodes, not inside Raw parts
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"body is not valid UTF-8 JSON (byte {exc.start})") from None
     try:
-        envelope = _envelope.decode(body)
+        return _envelope.decode(body)
     except msgspec.ValidationError as exc:
         raise EnvelopeError(f"not a webhook envelope: {exc}") from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise EnvelopeError("body is nested too deeply") from None
+
+
+def parse_body(body: bytes, tenants: Mapping[str, str]) -> ParsedBody:
+    """Decode a whole webhook body. `tenants` maps phone_number_id to tenant name."""
+    envelope = _decode_envelope(body)
     out = ParsedBody()
     for raw_entry in envelope.entry:
         try:
             entry = _entry.decode(raw_entry)
-        except msgspec.ValidationError as exc:
-            _skip(out, "entry", exc)
+        except (msgspec.ValidationError, RecursionError) as exc:
+            _skip(out, "entry", exc, bytes(raw_entry))
             continue
         for raw_change in entry.changes or ():
             try:
                 _parse_change(raw_change, entry, tenants, out)
-            except (msgspec.ValidationError, MalformedItem) as exc:
-                _skip(out, "change", exc)
+            except (msgspec.ValidationError, MalformedItem, RecursionError) as exc:
+                _skip(out, "change", exc, bytes(raw_change))
     return out
 
 
-def _skip(out: ParsedBody, what: str, exc: Exception) -> None:
-    out.skipped += 1
-    log.warning("skipped a malformed %s: %s", what, exc)
+def _skip(out: ParsedBody, what: str, exc: BaseException, raw: bytes) -> None:
+    """Count and keep a malformed item: stored in quarantine, never dispatched, never lost."""
+    reason = str(exc) or type(exc).__name__
+    out.rejected.append(RejectedItem(what, reason, raw))
+    log.warning("skipped a malformed %s: %s", what, reason)
 
 
 def _parse_change(raw: msgspec.Raw, entry: Entry, tenants: Mapping[str, str], out: ParsedBody) -> None:
@@ -179,8 +203,8 @@ def _parse_change(raw: msgspec.Raw, entry: Entry, tenants: Mapping[str, str], ou
     for raw_status in value.statuses or ():
         try:
             out.statuses.append(StatusItem(pnid, tenant, _status.decode(raw_status), bytes(raw_status)))
-        except msgspec.ValidationError as exc:
-            _skip(out, "status", exc)
+        except (msgspec.ValidationError, RecursionError) as exc:
+            _skip(out, "status", exc, bytes(raw_status))
     for raw_error in value.errors or ():
         out.events.append(EventItem("errors", pnid, tenant, entry.id, bytes(raw_error)))
 
@@ -207,8 +231,8 @@ def _contacts(raws: Sequence[msgspec.Raw], out: ParsedBody) -> list[Contact]:
     for raw in raws:
         try:
             contacts.append(_contact.decode(raw))
-        except msgspec.ValidationError as exc:
-            _skip(out, "contact", exc)
+        except (msgspec.ValidationError, RecursionError) as exc:
+            _skip(out, "contact", exc, bytes(raw))
     return contacts
 
 
@@ -225,7 +249,7 @@ def _contact_for(message: Message, contacts: list[Contact]) -> Contact | None:
 def _add_message(raw: msgspec.Raw, pnid: str, tenant: str | None, contacts: list[Contact], out: ParsedBody) -> None:
     try:
         message = decode_message(raw)
-    except MalformedItem as exc:
-        _skip(out, "message", exc)
+    except (MalformedItem, RecursionError) as exc:
+        _skip(out, "message", exc, bytes(raw))
         return
     out.messages.append(InboundItem(pnid, tenant, message, _contact_for(message, contacts), bytes(raw)))

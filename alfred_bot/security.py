@@ -1,4 +1,4 @@
-"""Constant-time checks for everything a caller must prove: webhook signature, tokens."""
+"""What a caller must prove (signature, tokens; constant-time) and what it may hold (body budget)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def token_ok(given: str | None, expected: str | None) -> bool:
     """Constant-time token comparison; an unset expected token accepts nothing."""
     if not given or not expected:
         return False
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # surrogateescape: a header with non-UTF-8 bytes is simply a wrong token, not a crash
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def bearer(header: str | None) -> str | None:
@@ -44,3 +45,24 @@ def bearer(header: str | None) -> str | None:
         return None
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
+
+
+class BodyBudget:
+    """Bytes that unverified request bodies may hold at once.
+
+    The signature can only be checked once the whole body is in memory, so without a budget
+    many slow 4 MiB bodies from anyone could exhaust a small VM. Over budget → 503 (Meta retries).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size

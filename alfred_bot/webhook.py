@@ -14,7 +14,7 @@ import logging
 from aiohttp import web
 
 from alfred_bot import keys
-from alfred_bot.parse import EnvelopeError, parse_body
+from alfred_bot.parse import EnvelopeError, ParsedBody, parse_body
 from alfred_bot.security import signature_ok, token_ok
 from alfred_bot.store import StoreError
 
@@ -48,8 +48,13 @@ def _refuse(request: web.Request, status: int, reason: str) -> web.Response:
 
 async def _read_body(request: web.Request) -> bytes | web.Response:
     cfg = request.app[keys.CONFIG].webhook
-    if request.content_length is not None and request.content_length > cfg.max_body_bytes:
+    length = request.content_length
+    if length is not None and length > cfg.max_body_bytes:
         return _refuse(request, 413, f"body larger than {cfg.max_body_bytes} bytes")
+    size = cfg.max_body_bytes if length is None else length
+    budget = request.app[keys.BODY_BUDGET]
+    if not budget.reserve(size):
+        return _refuse(request, 503, "too many request bodies in flight")
     try:
         async with asyncio.timeout(cfg.body_timeout_seconds):
             return await request.read()
@@ -57,6 +62,8 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
         return _refuse(request, 408, "body not received in time")
     except web.HTTPRequestEntityTooLarge:
         return _refuse(request, 413, f"body larger than {cfg.max_body_bytes} bytes")
+    finally:
+        budget.release(size)
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -75,22 +82,33 @@ async def receive(request: web.Request) -> web.Response:
         parsed = parse_body(body, tenants)
     except EnvelopeError as exc:
         return _refuse(request, 400, str(exc))
+    return await _store(request, parsed)
+
+
+async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
+    app = request.app
     try:
         fresh = await app[keys.STORE].ingest(parsed)
     except StoreError as exc:
         log.error("webhook not stored, Meta will retry: %s", exc)
         return _refuse(request, 503, "temporarily unable to store the update")
+    except Exception:  # an unforeseen item must never become a 500 that hides its siblings
+        log.exception("webhook not stored (unexpected error), Meta will retry")
+        return _refuse(request, 503, "temporarily unable to store the update")
     app[keys.DISPATCHER].offer(fresh)
-    _count(app, parsed.skipped, sum(1 for m in parsed.messages if m.tenant is None), len(fresh))
+    _count(app, parsed, len(fresh))
     return web.Response(text="OK")
 
 
-def _count(app: web.Application, skipped: int, unrouted: int, fresh: int) -> None:
+def _count(app: web.Application, parsed: ParsedBody, fresh: int) -> None:
     stats = app[keys.STATS]
     stats["webhook_200"] += 1
     stats["messages_new"] += fresh
-    if skipped:
-        stats["items_skipped"] += skipped
+    if parsed.skipped:
+        stats["items_skipped"] += parsed.skipped
+    unrouted = sum(1 for m in parsed.messages if m.tenant is None)
+    unrouted += sum(1 for s in parsed.statuses if s.tenant is None)
+    unrouted += sum(1 for e in parsed.events if e.phone_number_id is not None and e.tenant is None)
     if unrouted:
-        stats["messages_unrouted"] += unrouted
-        log.warning("%d message(s) for a phone number id no tenant owns: stored, not dispatched", unrouted)
+        stats["updates_unrouted"] += unrouted
+        log.warning("%d update(s) for a phone number id no tenant owns: stored, not dispatched", unrouted)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from alfred_bot.cli import announce, text_webhook
-from alfred_bot.config import SANDBOX_APP_SECRET, Config, load_config, load_secrets
+from alfred_bot.config import SANDBOX_APP_SECRET, Config, load_config, load_secrets, sandbox_secret
 from alfred_bot.security import sign
 from tests import payloads
 from tests.conftest import db_rows, make_config
@@ -396,10 +396,22 @@ def test_webhook_signed_with_a_wrong_secret_is_403(server: Server) -> None:
 
 
 def test_webhook_signed_with_the_sandbox_secret_is_200(server: Server) -> None:
-    """The positive control for the two 403 tests: same body shape, right secret."""
+    """The positive control for the two 403 tests: same body shape, this install's secret."""
+    storage = Path(load_config(server.config).storage.path)
+    secret_file = storage.parent / "sandbox-app-secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = sandbox_secret(storage)
+    assert len(secret) == 64 and secret != SANDBOX_APP_SECRET
     body = text_webhook(payloads.PNID, payloads.USER, "Ana", "signed", "wamid.SIGNED1")
-    status, _ = http(f"{server.url}/webhook", data=body, headers=payloads.headers(body, SANDBOX_APP_SECRET))
+    status, _ = http(f"{server.url}/webhook", data=body, headers=payloads.headers(body, secret))
     assert status == 200
+
+
+def test_the_public_fallback_secret_does_not_sign_for_a_real_server(server: Server) -> None:
+    """Anyone can read SANDBOX_APP_SECRET in the source: a running server must refuse it."""
+    body = text_webhook(payloads.PNID, payloads.USER, "Ana", "forged", "wamid.PUBLIC1")
+    status, _ = http(f"{server.url}/webhook", data=body, headers=payloads.headers(body, SANDBOX_APP_SECRET))
+    assert status == 403
 
 
 def test_second_server_on_a_port_in_use_cannot_start(server: Server, tmp_path: Path) -> None:

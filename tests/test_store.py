@@ -54,6 +54,7 @@ async def test_failing_write_is_isolated_in_its_group(store: SqliteStore) -> Non
         return_exceptions=True,
     )
     assert isinstance(results[1], ValueError)
+    assert (store.writer.writes, store.writer.groups) == (3, 1)  # they shared one transaction
     assert [len(r) for r in (results[0], results[2])] == [1, 1]
     assert [r["id"] for r in await store.recent_inbound(10)] == ["wamid.B", "wamid.A"]
     assert await store.writer.read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]) == 0

@@ -299,14 +299,23 @@ async def test_duplicate_status_and_event_stored_once(client: TestClient[Any, An
 
 
 async def test_unknown_phone_number_id_is_acknowledged_not_dispatched(client: TestClient[Any, Any], cfg: Any) -> None:
-    body = payloads.body_of(payloads.text("who?", id="wamid.STRAY"), pnid="111111111111111")
+    stray = "111111111111111"
+    body = payloads.dump(
+        payloads.envelope(
+            payloads.entry(
+                payloads.change(payloads.value([payloads.text("who?", id="wamid.STRAY")], pnid=stray)),
+                payloads.change(payloads.value(statuses=[payloads.status("wamid.S1")], pnid=stray)),
+            )
+        )
+    )
     assert await post_webhook(client, body) == 200
     rows = db_rows(cfg.storage.path, "SELECT tenant, state FROM inbox")
     assert [tuple(r) for r in rows] == [(None, "unrouted")]
     await asyncio.sleep(0.05)
     assert _count(cfg, "outbox") == 0
     health = await (await client.get("/healthz")).json()
-    assert health["webhook"]["messages_unrouted"] == 1
+    assert health["webhook"]["updates_unrouted"] == 2
+    assert db_rows(cfg.storage.path, "SELECT tenant FROM statuses")[0][0] is None
 
 
 async def test_disk_full_is_503_then_recovers(client: TestClient[Any, Any], cfg: Any) -> None:

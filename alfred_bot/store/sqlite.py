@@ -6,11 +6,12 @@ reads go through an aiosqlite connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiosqlite
 
@@ -66,6 +67,13 @@ CREATE TABLE IF NOT EXISTS events (
     raw BLOB NOT NULL,
     received_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rejected (
+    key TEXT PRIMARY KEY,
+    what TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id TEXT PRIMARY KEY,
     idem_key TEXT NOT NULL UNIQUE,
@@ -105,6 +113,9 @@ _INSERT_EVENT = """
 INSERT INTO events (key, field, tenant, phone_number_id, waba_id, raw, received_at)
 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
 """
+_INSERT_REJECTED = """
+INSERT INTO rejected (key, what, reason, raw, received_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
+"""
 _INSERT_OUTBOX = """
 INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
@@ -128,6 +139,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise StoreError(f"database schema v{version} is newer than this Alfred (v{SCHEMA_VERSION})")
     if version < SCHEMA_VERSION:
         conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+
+def _lock_database(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock beside the database: two processes would both run the handlers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f"{path.name}.lock").open("ab")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise StoreError(f"{path} is in use by another Alfred process") from None
+    return lock
 
 
 def _inbox_row(item: InboundItem, now: float) -> tuple[Any, ...]:
@@ -161,6 +184,7 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
         conn.executemany(
             _INSERT_EVENT, [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
         )
+        conn.executemany(_INSERT_REJECTED, [(r.key, r.what, r.reason[:1000], r.raw, now) for r in body.rejected])
         return fresh
 
     return op
@@ -217,12 +241,14 @@ class SqliteStore:
         self._clock = clock
         self._writer = GroupWriter(lambda: connect_writer(path))
         self._reader: aiosqlite.Connection | None = None
+        self._lock: IO[bytes] | None = None
 
     @property
     def writer(self) -> GroupWriter:
         return self._writer
 
     async def open(self) -> None:
+        self._lock = _lock_database(self.path)
         await self._writer.start()
         self._reader = await aiosqlite.connect(self.path)
         self._reader.row_factory = aiosqlite.Row
@@ -233,6 +259,9 @@ class SqliteStore:
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
 
     async def ingest(self, body: ParsedBody) -> list[InboundItem]:
         if not len(body):
@@ -247,7 +276,10 @@ class SqliteStore:
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
         if self._reader is None:
             raise StoreError("the store is closed")
-        return list(await self._reader.execute_fetchall(sql, params))
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"read failed: {exc}") from exc
 
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
         rows = await self._fetch(
