@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from alfred_bot.app import create_app
 from alfred_bot.config import Config, Secrets, load_secrets, parse_config
+from alfred_bot.store import Completion, PendingMessage, SqliteStore
 from tests import payloads
 
 APP_SECRET = "test-app-secret-0123456789"
@@ -21,6 +22,27 @@ VERIFY_TOKEN = "test-verify-token"
 API_TOKEN = "test-api-token"
 
 ENV = {"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN, "ALFRED_API_TOKEN": API_TOKEN}
+
+
+class FaultyStore(SqliteStore):
+    """A real store that raises the queued faults on its next calls (fault injection)."""
+
+    def __init__(self, path: Path, **faults: list[BaseException]) -> None:
+        super().__init__(path)
+        self.faults = faults
+
+    def _fault(self, name: str) -> None:
+        queue = self.faults.get(name)
+        if queue:
+            raise queue.pop(0)
+
+    async def complete(self, done: Completion) -> bool:
+        self._fault("complete")
+        return await super().complete(done)
+
+    async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
+        self._fault("pending")
+        return await super().pending(after_seq, limit)
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:

@@ -13,9 +13,8 @@ from alfred_bot.context import Context, ReplyError
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
-from alfred_bot.store import Completion, SqliteStore
 from tests import payloads
-from tests.conftest import db_rows, make_config, post_webhook, wait_for
+from tests.conftest import FaultyStore, db_rows, make_config, post_webhook, wait_for
 
 
 def _count(path: Any, where: str = "") -> int:
@@ -193,23 +192,9 @@ async def test_router_order_and_filters() -> None:
     assert router.resolve(_decode(payloads.SAMPLES["image"])) is None
 
 
-class FlakyStore(SqliteStore):
-    """A real store whose first completion fails with an unexpected error (fault injection)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.failures = 1
-
-    async def complete(self, done: Completion) -> bool:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("injected fault")
-        return await super().complete(done)
-
-
 async def test_worker_survives_a_failing_completion(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
     cfg = make_config(tmp_path)
-    store = FlakyStore(Path(cfg.storage.path))
+    store = FaultyStore(Path(cfg.storage.path), complete=[RuntimeError("injected fault")])
     client = await aiohttp_client(create_app(cfg, secrets, store=store))
     assert await post_webhook(client, payloads.body_of(payloads.text("retry me", id="wamid.FLAKY"))) == 200
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1)

@@ -15,9 +15,9 @@ from alfred_bot.context import Context
 from alfred_bot.models import Message
 from alfred_bot.parse import parse_body
 from alfred_bot.router import Router
-from alfred_bot.store import Completion, PendingMessage, SqliteStore, StoreError
+from alfred_bot.store import SqliteStore, StoreError
 from tests import payloads
-from tests.conftest import API_TOKEN, db_rows, make_config, post_webhook, wait_for
+from tests.conftest import API_TOKEN, FaultyStore, db_rows, make_config, post_webhook, wait_for
 
 
 def _count(path: Any, where: str) -> int:
@@ -111,18 +111,6 @@ async def test_disk_full_fails_every_webhook_of_the_group(client: Any, cfg: Any)
     assert client.app[keys.STORE].stats()["commits"] < 5
 
 
-class BrokenScanStore(SqliteStore):
-    """A real store whose first catch-up read fails with an unforeseen error (fault injection)."""
-
-    failures = 1
-
-    async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("injected read fault")
-        return await super().pending(after_seq, limit)
-
-
 async def test_catch_up_survives_a_read_error(
     aiohttp_client: Any, tmp_path: Path, secrets: Any, fast_retries: None
 ) -> None:
@@ -133,21 +121,13 @@ async def test_catch_up_survives_a_read_error(
         parse_body(payloads.body_of(payloads.text("left over", id="wamid.LEFT")), {payloads.PNID: "home"})
     )
     await seed.close()
-    client = await aiohttp_client(create_app(cfg, secrets, store=BrokenScanStore(Path(cfg.storage.path))))
+    client = await aiohttp_client(
+        create_app(
+            cfg, secrets, store=FaultyStore(Path(cfg.storage.path), pending=[RuntimeError("injected read fault")])
+        )
+    )
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1)
     assert (await client.get("/healthz")).status == 200
-
-
-class SlowCommitStore(SqliteStore):
-    """A real store whose first two completions fail as a full disk would."""
-
-    failures = 2
-
-    async def complete(self, done: Completion) -> bool:
-        if self.failures:
-            self.failures -= 1
-            raise StoreError("database or disk is full")
-        return await super().complete(done)
 
 
 async def test_failed_commit_is_retried_without_rerunning_the_handler(
@@ -162,7 +142,7 @@ async def test_failed_commit_is_retried_without_rerunning_the_handler(
         calls.append(message.id)
         ctx.reply("only once")
 
-    store = SlowCommitStore(Path(cfg.storage.path))
+    store = FaultyStore(Path(cfg.storage.path), complete=[StoreError("disk full"), StoreError("disk full")])
     client = await aiohttp_client(create_app(cfg, secrets, store=store, routers={"home": router}))
     assert await post_webhook(client, payloads.body_of(payloads.text("x", id="wamid.RETRY"))) == 200
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1)

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from alfred_bot.parse import parse_body
@@ -72,15 +73,7 @@ async def test_complete_is_once_and_atomic(store: SqliteStore) -> None:
         source_event_id="wamid.C",
     )
     assert await store.complete(Completion("wamid.C", "handled", (reply,))) is True
-    twin = OutboxRow(
-        id="o2",
-        idem_key="reply:wamid.C:000",
-        tenant="home",
-        recipient=payloads.USER,
-        type="text",
-        payload=b"{}",
-        source_event_id="wamid.C",
-    )
+    twin = msgspec.structs.replace(reply, id="o2")  # a second run of the same handler
     assert await store.complete(Completion("wamid.C", "handled", (twin,))) is False
     assert [r["id"] for r in await store.outbox_for("wamid.C")] == ["o1"]
     assert await store.pending(0, 10) == []
