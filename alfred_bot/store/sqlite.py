@@ -180,11 +180,13 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
             inserted = conn.execute(_INSERT_INBOX, _inbox_row(item, now)).rowcount == 1
             if inserted and item.tenant is not None:
                 fresh.append(item)
-        conn.executemany(_INSERT_STATUS, [_status_row(s, now) for s in body.statuses])
-        conn.executemany(
-            _INSERT_EVENT, [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
-        )
-        conn.executemany(_INSERT_REJECTED, [(r.key, r.what, r.reason[:1000], r.raw, now) for r in body.rejected])
+        if body.statuses:
+            conn.executemany(_INSERT_STATUS, [_status_row(s, now) for s in body.statuses])
+        if body.events:
+            events = [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
+            conn.executemany(_INSERT_EVENT, events)
+        if body.rejected:
+            conn.executemany(_INSERT_REJECTED, [(r.key, r.what, r.reason[:1000], r.raw, now) for r in body.rejected])
         return fresh
 
     return op
