@@ -35,6 +35,38 @@ class OutboxRow(msgspec.Struct, frozen=True):
     source_event_id: str | None = None
 
 
+class OutboxJob(msgspec.Struct, frozen=True):
+    """A claimed outbox row: leased to this process until it is settled or the lease runs out."""
+
+    id: str
+    tenant: str
+    recipient: str
+    type: str
+    payload: bytes
+    attempts: int
+    created_at: float
+
+
+class Settlement(msgspec.Struct, frozen=True, kw_only=True):
+    """How one claimed send ended: sent, back to queued (retry/deferred) or failed.
+
+    `refund` gives back the attempt the claim counted, for sends that were deferred without
+    reaching Meta (a paused tenant, a recipient still in its pair-limit backoff).
+    """
+
+    id: str
+    state: Literal["sent", "queued", "failed"]
+    due_at: float | None = None
+    wamid: str | None = None
+    refund: bool = False
+    error_code: int | None = None
+    error_message: str | None = None
+    error_details: str | None = None
+    error_fbtrace_id: str | None = None
+    error_http_status: int | None = None
+    needs_template: bool = False
+
+
 class Completion(msgspec.Struct, frozen=True):
     """The outcome of handling one inbound message, written in one transaction with its replies."""
 
@@ -77,6 +109,27 @@ class Store(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters for /healthz (e.g. writes and the commits they shared)."""
+
+    async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
+        """Queue sends; a row whose idem_key exists already yields the existing id (no second send)."""
+
+    async def claim(self, now: float, limit: int, lease: float, skip_tenants: frozenset[str]) -> list[OutboxJob]:
+        """Lease up to `limit` due sends (queued, or sending with an expired lease), oldest first."""
+
+    async def settle(self, result: Settlement, now: float) -> None:
+        """Record how a claimed send ended."""
+
+    async def next_due(self, skip_tenants: frozenset[str]) -> float | None:
+        """When the next send becomes due (None: nothing waits)."""
+
+    async def message(self, outbox_id: str) -> dict[str, Any] | None:
+        """One outbox row as the API shows it, or None."""
+
+    async def last_inbound(self, tenant: str, user: str) -> int | None:
+        """Unix time of the user's last message to this tenant (for the 24-hour window)."""
+
+    async def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by state."""
 
     async def healthy(self) -> bool:
         """True while the database answers and the writer runs."""

@@ -17,7 +17,8 @@ import aiosqlite
 
 from alfred_bot.models import Contact, Profile
 from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, decode_message
-from alfred_bot.store.base import Completion, PendingMessage, StoreError
+from alfred_bot.store import outbox
+from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
 from alfred_bot.store.writer import GroupWriter
 
 SCHEMA_VERSION = 1
@@ -90,12 +91,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     error_code INTEGER,
     error_message TEXT,
     error_details TEXT,
+    error_fbtrace_id TEXT,
+    error_http_status INTEGER,
+    needs_template INTEGER NOT NULL DEFAULT 0,
     sent_at REAL,
     delivered_at REAL,
     read_at REAL
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due_at) WHERE state IN ('queued', 'sending');
 CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
+CREATE INDEX IF NOT EXISTS outbox_wamid ON outbox(wamid) WHERE wamid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
+CREATE INDEX IF NOT EXISTS inbox_user ON inbox(tenant, user_id, timestamp);
 """
 
 _INSERT_INBOX = """
@@ -115,10 +122,6 @@ VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
 """
 _INSERT_REJECTED = """
 INSERT INTO rejected (key, what, reason, raw, received_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
-"""
-_INSERT_OUTBOX = """
-INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
 """
 
 
@@ -180,8 +183,9 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
             inserted = conn.execute(_INSERT_INBOX, _inbox_row(item, now)).rowcount == 1
             if inserted and item.tenant is not None:
                 fresh.append(item)
-        if body.statuses:
-            conn.executemany(_INSERT_STATUS, [_status_row(s, now) for s in body.statuses])
+        for update in body.statuses:
+            if conn.execute(_INSERT_STATUS, _status_row(update, now)).rowcount == 1 and update.tenant is not None:
+                outbox.apply_status(conn, update.status)
         if body.events:
             events = [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
             conn.executemany(_INSERT_EVENT, events)
@@ -217,11 +221,7 @@ def _complete_op(done: Completion, now: float) -> Any:
         )
         if cur.rowcount == 0:
             return False
-        rows = [
-            (r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id)
-            for r in done.replies
-        ]
-        conn.executemany(_INSERT_OUTBOX, rows)
+        outbox.insert_rows(conn, done.replies, now)
         return True
 
     return op
@@ -312,6 +312,46 @@ class SqliteStore:
             (event_id,),
         )
         return [dict(row) for row in rows]
+
+    async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
+        now = self._clock()
+        result: list[str] = await self._writer.submit(lambda conn: outbox.enqueue(conn, rows, now))
+        return result
+
+    async def claim(self, now: float, limit: int, lease: float, skip_tenants: frozenset[str]) -> list[OutboxJob]:
+        result: list[OutboxJob] = await self._writer.submit(
+            lambda conn: outbox.claim(conn, now, limit, lease, skip_tenants)
+        )
+        return result
+
+    async def settle(self, result: Settlement, now: float) -> None:
+        await self._writer.submit(lambda conn: outbox.settle(conn, result, now))
+
+    async def next_due(self, skip_tenants: frozenset[str]) -> float | None:
+        result: float | None = await self._writer.read(lambda conn: outbox.next_due(conn, skip_tenants))
+        return result
+
+    async def message(self, outbox_id: str) -> dict[str, Any] | None:
+        rows = await self._fetch(
+            'SELECT id, tenant, recipient AS "to", type, state, attempts, wamid, error_code, error_message, '
+            "error_details, error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at "
+            "FROM outbox WHERE id = ?",
+            (outbox_id,),
+        )
+        return dict(rows[0]) if rows else None
+
+    async def last_inbound(self, tenant: str, user: str) -> int | None:
+        rows = await self._fetch(
+            "SELECT MAX(COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND sender = ?2), 0), "
+            "COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND user_id = ?2), 0))",
+            (tenant, user),
+        )
+        value = int(rows[0][0])
+        return value or None
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT state, COUNT(*) FROM outbox GROUP BY state", ())
+        return {row[0]: int(row[1]) for row in rows}
 
     def stats(self) -> dict[str, int]:
         return {"writes": self._writer.writes, "commits": self._writer.groups}

@@ -1,0 +1,132 @@
+"""Outbox writes, as functions run on the writer thread inside a group transaction.
+
+The lease lives in `due_at`: a claim sets `state = 'sending'` and `due_at = now + lease`, so a
+row whose process died mid-send becomes claimable again by itself once the lease runs out.
+Every settle is conditional on `state = 'sending'`, so a late answer for a row that has been
+re-claimed or settled already changes nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from alfred_bot.models import Status
+from alfred_bot.store.base import OutboxJob, OutboxRow, Settlement
+
+#: Delivery progress: a status only ever moves a row forward (webhooks arrive out of order).
+RANK = {"queued": 0, "sending": 0, "sent": 1, "delivered": 2, "read": 3, "played": 4}
+_STAMP = {"delivered": "delivered_at", "read": "read_at", "played": "read_at"}
+
+_INSERT = """
+INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
+"""
+_ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_id = ?, error_http_status = ?"
+
+
+def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[OutboxRow], now: float) -> None:
+    values = [(r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id) for r in rows]
+    conn.executemany(_INSERT, values)
+
+
+def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list[str]:
+    """Insert rows; for an idem_key seen before, return the first row's id instead."""
+    insert_rows(conn, rows, now)
+    ids = []
+    for row in rows:
+        found = conn.execute("SELECT id FROM outbox WHERE idem_key = ?", (row.idem_key,)).fetchone()
+        ids.append(found[0])
+    return ids
+
+
+def claim(conn: sqlite3.Connection, now: float, limit: int, lease: float, skip: frozenset[str]) -> list[OutboxJob]:
+    """Lease due rows of tenants not in `skip`, in queue order (so one user's replies keep theirs)."""
+    marks = ",".join("?" * len(skip))
+    skip_sql = f"AND tenant NOT IN ({marks})" if skip else ""
+    rows = conn.execute(
+        "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
+        f"SELECT id FROM outbox WHERE state IN ('queued', 'sending') AND due_at <= ? {skip_sql} "
+        "ORDER BY due_at, rowid LIMIT ?) "
+        "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at",
+        (now + lease, now, *sorted(skip), limit),
+    ).fetchall()
+    rows.sort(key=lambda r: r[0])
+    return [OutboxJob(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+
+
+def next_due(conn: sqlite3.Connection, skip: frozenset[str]) -> float | None:
+    marks = ",".join("?" * len(skip))
+    skip_sql = f"AND tenant NOT IN ({marks})" if skip else ""
+    row = conn.execute(
+        f"SELECT MIN(due_at) FROM outbox WHERE state IN ('queued', 'sending') {skip_sql}", tuple(sorted(skip))
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def _error_values(r: Settlement) -> tuple[Any, ...]:
+    return (r.error_code, r.error_message, r.error_details, r.error_fbtrace_id, r.error_http_status)
+
+
+def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
+    """Record one send's end; ignored unless the row is still leased (`sending`)."""
+    if r.state == "sent":
+        cur = conn.execute(
+            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND state = 'sending'",
+            (r.wamid, now, None, None, None, None, None, r.id),
+        )
+        if cur.rowcount and r.wamid:
+            _replay_statuses(conn, r.wamid)
+    elif r.state == "queued":
+        conn.execute(
+            f"UPDATE outbox SET state = 'queued', due_at = ?, attempts = attempts - ?, {_ERRORS} "
+            "WHERE id = ? AND state = 'sending'",
+            (r.due_at if r.due_at is not None else now, int(r.refund), *_error_values(r), r.id),
+        )
+    else:
+        conn.execute(
+            f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND state = 'sending'",
+            (int(r.needs_template), *_error_values(r), r.id),
+        )
+
+
+def _replay_statuses(conn: sqlite3.Connection, wamid: str) -> None:
+    """Statuses can arrive before we recorded the wamid: apply those already stored."""
+    rows = conn.execute("SELECT status, timestamp, error_code FROM statuses WHERE wamid = ?", (wamid,)).fetchall()
+    for state, timestamp, code in rows:
+        _advance(conn, wamid, state, float(timestamp), (code, None, None))
+
+
+def apply_status(conn: sqlite3.Connection, status: Status) -> None:
+    """Move the outbox row with this wamid forward; a `failed` status fails a row not yet delivered."""
+    error = status.errors[0] if status.errors else None
+    details = error.error_data.details if error and error.error_data else None
+    fields = (error.code, error.message or error.title, details) if error else (None, None, None)
+    _advance(conn, status.id, status.status, float(status.timestamp), fields)
+
+
+def _advance(conn: sqlite3.Connection, wamid: str, state: str, at: float, error: tuple[Any, ...]) -> None:
+    row = conn.execute("SELECT id, state FROM outbox WHERE wamid = ?", (wamid,)).fetchone()
+    if row is None:
+        return
+    outbox_id, current = row
+    if current == "failed":
+        return
+    if state == "failed":
+        if RANK.get(current, 0) <= RANK["sent"]:
+            code, message, details = error
+            conn.execute(
+                "UPDATE outbox SET state = 'failed', error_code = ?, error_message = ?, error_details = ?, "
+                "needs_template = ? WHERE id = ?",
+                (code, message, details, int(code in (131047, 470)), outbox_id),
+            )
+        return
+    if state not in RANK or RANK[state] <= RANK.get(current, 0):
+        return
+    stamp = _STAMP.get(state)
+    sets = "state = ?, delivered_at = COALESCE(delivered_at, ?)" if stamp else "state = ?"
+    params: tuple[Any, ...] = (state, at) if stamp else (state,)
+    if stamp == "read_at":
+        sets += ", read_at = COALESCE(read_at, ?)"
+        params += (at,)
+    conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", (*params, outbox_id))
