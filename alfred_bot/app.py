@@ -18,8 +18,10 @@ from aiohttp import web
 from alfred_bot import api, keys, webhook
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
+from alfred_bot.graph import GraphTransport, SandboxTransport, Transport
 from alfred_bot.router import Router, routers_for
 from alfred_bot.security import BodyBudget
+from alfred_bot.sender import Sender
 from alfred_bot.store import SqliteStore, Store
 
 log = logging.getLogger("alfred.app")
@@ -31,8 +33,9 @@ def create_app(
     *,
     store: Store | None = None,
     routers: dict[str, Router] | None = None,
+    transport: Transport | None = None,
 ) -> web.Application:
-    """Build the aiohttp app; `store` and `routers` can be injected (tests, other engines)."""
+    """Build the aiohttp app; store, routers and transport can be injected (tests, other engines)."""
     app = web.Application(client_max_size=cfg.webhook.max_body_bytes, middlewares=[api.api_auth])
     app[keys.CONFIG] = cfg
     app[keys.SECRETS] = secrets
@@ -43,14 +46,29 @@ def create_app(
     app[keys.STATS] = Counter()
     app[keys.STARTED_AT] = time.time()
     app[keys.BODY_BUDGET] = BodyBudget(cfg.webhook.max_inflight_bytes)
-    app[keys.DISPATCHER] = Dispatcher(app[keys.STORE], tenant_routers, cfg.dispatch)
+    app[keys.TRANSPORT] = transport or _transport(cfg, secrets)
+    app[keys.SENDER] = sender = Sender(app[keys.STORE], app[keys.TRANSPORT], cfg)
+    app[keys.DISPATCHER] = Dispatcher(app[keys.STORE], tenant_routers, cfg.dispatch, on_replies=sender.wake)
     app.router.add_get("/webhook", webhook.verify)
     app.router.add_post("/webhook", webhook.receive)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/api/inbound", api.inbound)
+    app.router.add_post("/api/messages", api.send_message)
+    app.router.add_get("/api/messages/{id}", api.get_message)
+    app.router.add_get("/api/tenants", api.tenants)
+    app.router.add_post("/api/tenants/{name}/resume", api.resume_tenant)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_sender_ctx)
     app.cleanup_ctx.append(_dispatcher_ctx)
     return app
+
+
+def _transport(cfg: Config, secrets: Secrets) -> Transport:
+    """Production sends to the Graph API; sandbox (no access token) to a local sink."""
+    if secrets.access_token is None:
+        return SandboxTransport()
+    workers = cfg.outbound.worker_count(len(cfg.tenants))
+    return GraphTransport(cfg.graph, secrets.access_token, connections=workers)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +78,15 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await store.close()
     log.info("store closed")
+
+
+async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
+    transport, sender = app[keys.TRANSPORT], app[keys.SENDER]
+    await transport.start()
+    await sender.start()
+    yield
+    await sender.stop(app[keys.CONFIG].dispatch.shutdown_grace_seconds)
+    await transport.close()
 
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@ key so an operator can fix the file without reading a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets as secrets_module
@@ -57,9 +58,26 @@ class GraphConfig(_Section, frozen=True):
 
 
 class OutboundConfig(_Section, frozen=True):
-    """Outbound pacing (Meta's default is 80 messages/s per phone number)."""
+    """Outbound pacing (Meta's default is 80 messages/s per phone number), retries and pauses."""
 
     rate_per_second: float = 80.0
+    workers: int = 0  # 0: enough for rate x 0.25 s of latency (at least 4)
+    max_attempts: int = 10
+    max_age_seconds: float = 86400.0
+    unknown_max_attempts: int = 3
+    backoff_base_seconds: float = 1.0
+    backoff_cap_seconds: float = 300.0
+    slow_down_factor: float = 0.5
+    slow_down_seconds: float = 60.0
+    probe_interval_seconds: float = 60.0
+    pair_burst: int = 45
+    pair_interval_seconds: float = 6.0
+
+    def worker_count(self, tenants: int) -> int:
+        """Senders needed so that latency never caps throughput: rate x tenants x 0.25 s."""
+        if self.workers:
+            return self.workers
+        return max(4, math.ceil(self.rate_per_second * tenants * 0.25))
 
 
 class WebhookConfig(_Section, frozen=True):
@@ -227,6 +245,18 @@ def _check(cfg: Config) -> None:
         (re.fullmatch(r"v\d+\.\d+", cfg.graph.api_version) is not None, "graph.api_version: must look like v23.0"),
         (cfg.graph.timeout_seconds > 0, "graph.timeout_seconds: must be > 0"),
         (cfg.outbound.rate_per_second > 0, "outbound.rate_per_second: must be > 0"),
+        (cfg.outbound.workers >= 0, "outbound.workers: must be >= 0 (0 = automatic)"),
+        (cfg.outbound.max_attempts >= 1, "outbound.max_attempts: must be at least 1"),
+        (cfg.outbound.unknown_max_attempts >= 1, "outbound.unknown_max_attempts: must be at least 1"),
+        (cfg.outbound.max_age_seconds > 0, "outbound.max_age_seconds: must be > 0"),
+        (
+            0 < cfg.outbound.backoff_base_seconds <= cfg.outbound.backoff_cap_seconds,
+            "outbound.backoff_base_seconds: must be > 0 and <= outbound.backoff_cap_seconds",
+        ),
+        (0 < cfg.outbound.slow_down_factor <= 1, "outbound.slow_down_factor: must be in (0, 1]"),
+        (cfg.outbound.probe_interval_seconds > 0, "outbound.probe_interval_seconds: must be > 0"),
+        (cfg.outbound.pair_burst >= 1, "outbound.pair_burst: must be at least 1"),
+        (cfg.outbound.pair_interval_seconds > 0, "outbound.pair_interval_seconds: must be > 0"),
         (cfg.webhook.max_body_bytes >= 1024, "webhook.max_body_bytes: must be at least 1024"),
         (cfg.webhook.body_timeout_seconds > 0, "webhook.body_timeout_seconds: must be > 0"),
         (

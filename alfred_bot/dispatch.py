@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from alfred_bot.config import DispatchConfig
 from alfred_bot.context import Context
@@ -31,8 +31,16 @@ COMMIT_RETRY_CAP = 30.0
 class Dispatcher:
     """Runs each accepted message through its tenant's router exactly once."""
 
-    def __init__(self, store: Store, routers: Mapping[str, Router], cfg: DispatchConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        routers: Mapping[str, Router],
+        cfg: DispatchConfig,
+        *,
+        on_replies: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_replies = on_replies
         self._routers = routers
         self._cfg = cfg
         self.queue: asyncio.Queue[InboundItem] = asyncio.Queue(maxsize=cfg.queue_size)
@@ -149,6 +157,8 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 attempt += 1
         self.counts["handled" if done.state == "handled" else "failed"] += 1
+        if done.replies and self._on_replies is not None:
+            self._on_replies()
 
     async def _run_handler(self, item: InboundItem) -> Completion:
         message, tenant = item.message, item.tenant

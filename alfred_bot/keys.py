@@ -8,14 +8,18 @@ from aiohttp import web
 
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
+from alfred_bot.graph import Transport
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget
+from alfred_bot.sender import Sender
 from alfred_bot.store import Store
 
 CONFIG = web.AppKey("config", Config)
 SECRETS = web.AppKey("secrets", Secrets)
 STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+SENDER = web.AppKey("sender", Sender)
+TRANSPORT = web.AppKey("transport", Transport)
 ROUTERS = web.AppKey("routers", dict[str, Router])
 #: phone_number_id -> tenant name, for routing inbound updates.
 TENANTS = web.AppKey("tenants", dict[str, str])

@@ -1,0 +1,97 @@
+"""Transports that deliver one send: the Graph API over one shared session, or a sandbox sink.
+
+A transport turns every outcome, including timeouts and resets, into a `Decision` (see
+`decide.py`); it never raises for a failed send and never puts the token in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Protocol
+
+import aiohttp
+
+from alfred_bot.config import GraphConfig
+from alfred_bot.decide import Decision, Outcome, decide, transport_failure
+
+log = logging.getLogger("alfred.graph")
+
+
+class Transport(Protocol):
+    """Where sends go."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
+        """Deliver one Cloud API message body for this business number."""
+
+    async def probe(self, phone_number_id: str) -> bool:
+        """True when the credentials work again (used to lift a token pause)."""
+
+
+class GraphTransport:
+    """POST {base_url}/{api_version}/{phone_number_id}/messages with the bearer token."""
+
+    def __init__(self, cfg: GraphConfig, token: str, *, connections: int) -> None:
+        self._base = f"{cfg.base_url.rstrip('/')}/{cfg.api_version}"
+        self._timeout = cfg.timeout_seconds
+        self._token = token
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            connector=aiohttp.TCPConnector(limit=self._connections),
+            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("GraphTransport used before start()")
+        return self._session
+
+    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
+        url = f"{self._base}/{phone_number_id}/messages"
+        try:
+            async with self._client().post(url, data=payload) as resp:
+                body = await resp.read()
+                return decide(resp.status, body, resp.headers)
+        except TimeoutError:
+            return transport_failure(f"no answer within {self._timeout:g} s")
+        except aiohttp.ClientError as exc:
+            return transport_failure(f"connection failed: {type(exc).__name__}")
+
+    async def probe(self, phone_number_id: str) -> bool:
+        try:
+            async with self._client().get(f"{self._base}/{phone_number_id}", params={"fields": "id"}) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+
+class SandboxTransport:
+    """No access token: nothing goes to Meta; each send is 'accepted' with a sandbox wamid."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
+        await asyncio.sleep(0)
+        return Decision(outcome=Outcome.SENT, http_status=200, wamid=f"wamid.SANDBOX{uuid.uuid4().hex}")
+
+    async def probe(self, phone_number_id: str) -> bool:
+        return True
