@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,10 +11,15 @@ import msgspec
 from aiohttp import web
 
 from alfred_bot import __version__, keys
+from alfred_bot.config import Config
+from alfred_bot.context import new_outbox_id
 from alfred_bot.security import bearer, token_ok
+from alfred_bot.store import OutboxRow, StoreError
+from alfred_bot.validate import InvalidMessage, validate_send
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
+WINDOW_SECONDS = 24 * 3600
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -41,9 +47,10 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the store answers and handler workers run; 503 otherwise (for probes)."""
     app = request.app
     dispatcher = app[keys.DISPATCHER]
-    store = app[keys.STORE]
+    store, sender = app[keys.STORE], app[keys.SENDER]
     store_ok = await store.healthy()
-    ok = store_ok and dispatcher.running
+    ok = store_ok and dispatcher.running and sender.running
+    outbox = await store.outbox_counts() if store_ok else {}
     stats: dict[str, int] = dict(app[keys.STATS].items())
     body = {
         "status": "ok" if ok else "unavailable",
@@ -58,6 +65,14 @@ async def healthz(request: web.Request) -> web.Response:
             "backlog": dispatcher.backlog,
             **dispatcher.counts,
         },
+        "sender": {
+            "running": sender.running,
+            "workers": sender.workers,
+            "queue": sender.queue.qsize(),
+            "paused": {name: msgspec.to_builtins(p) for name, p in sender.pauses.items()},
+            **sender.counts,
+        },
+        "outbox": outbox,
         "webhook": stats,
     }
     return json_response(body, 200 if ok else 503)
@@ -80,3 +95,99 @@ async def inbound(request: web.Request) -> web.Response:
     if isinstance(limit, web.Response):
         return limit
     return json_response(await request.app[keys.STORE].recent_inbound(limit))
+
+
+def _send_target(cfg: Config, body: Any) -> tuple[str, str | None] | web.Response:
+    """The tenant (default: the first) and idempotency key of an API send, or a 422."""
+    obj = body if isinstance(body, dict) else {}
+    tenant = obj.get("tenant", next(iter(cfg.tenants)))
+    if tenant not in cfg.tenants:
+        return _invalid("tenant", f"unknown tenant {tenant!r} (have: {', '.join(cfg.tenants)})")
+    key = obj.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+        return _invalid("idempotency_key", "must be a string of 1–200 characters")
+    return tenant, key
+
+
+def _invalid(field: str, problem: str) -> web.Response:
+    return json_response({"error": f"{field}: {problem}", "field": field}, 422)
+
+
+async def send_message(request: web.Request) -> web.Response:
+    """Queue a business-initiated send: 202 {"id", "status"}; 422 naming the field; same key, same id."""
+    app = request.app
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError:
+        return error(400, "body is not valid JSON")
+    target = _send_target(app[keys.CONFIG], body)
+    if isinstance(target, web.Response):
+        return target
+    tenant, key = target
+    try:
+        payload = validate_send(body)
+    except InvalidMessage as exc:
+        return _invalid(exc.field, str(exc).removeprefix(f"{exc.field}: "))
+    store = app[keys.STORE]
+    recipient = payload["to"].lstrip("+")
+    if payload["type"] != "template":
+        last = await store.last_inbound(tenant, recipient)
+        if last is None or time.time() - last > WINDOW_SECONDS:
+            return _invalid("to", "outside the 24-hour customer service window: only a template can be sent")
+    row = OutboxRow(
+        id=new_outbox_id(),
+        idem_key=f"api:{tenant}:{key}" if key else f"api:{uuid.uuid4().hex}",
+        tenant=tenant,
+        recipient=recipient,
+        type=payload["type"],
+        payload=msgspec.json.encode(payload),
+    )
+    try:
+        [outbox_id] = await store.enqueue([row])
+        existing = None if outbox_id == row.id else await store.message(outbox_id)
+    except StoreError:
+        return error(503, "temporarily unable to queue the message")
+    app[keys.SENDER].wake()
+    return json_response({"id": outbox_id, "status": existing["state"] if existing else "queued"}, 202)
+
+
+async def get_message(request: web.Request) -> web.Response:
+    """One outbox row: state, attempts, wamid, the error if any, and its times."""
+    row = await request.app[keys.STORE].message(request.match_info["id"])
+    if row is None:
+        return error(404, "no such message")
+    err = None
+    if row["error_code"] is not None or row["error_message"] is not None:
+        err = {
+            "code": row["error_code"],
+            "message": row["error_message"],
+            "details": row["error_details"],
+            "fbtrace_id": row["error_fbtrace_id"],
+            "needs_template": bool(row["needs_template"]),
+        }
+    keep = ("id", "tenant", "to", "type", "attempts", "wamid", "created_at", "sent_at", "delivered_at", "read_at")
+    return json_response({**{k: row[k] for k in keep}, "status": row["state"], "error": err})
+
+
+async def tenants(request: web.Request) -> web.Response:
+    """Each tenant with its number and pause state."""
+    cfg, sender = request.app[keys.CONFIG], request.app[keys.SENDER]
+    return json_response(
+        [
+            {
+                "name": name,
+                "phone_number_id": t.phone_number_id,
+                "handler": cfg.handler_for(name),
+                "paused": msgspec.to_builtins(sender.pauses[name]) if name in sender.pauses else None,
+            }
+            for name, t in cfg.tenants.items()
+        ]
+    )
+
+
+async def resume_tenant(request: web.Request) -> web.Response:
+    """Operator action: lift a tenant's pause (after fixing the token or the account)."""
+    name = request.match_info["name"]
+    if name not in request.app[keys.CONFIG].tenants:
+        return error(404, "no such tenant")
+    return json_response({"tenant": name, "resumed": request.app[keys.SENDER].resume(name)})

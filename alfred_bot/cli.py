@@ -167,7 +167,10 @@ def simulate(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
         return 1
     replies = _wait_for_replies(Path(cfg.storage.path), wamid, args.wait)
     for reply in replies:
-        print(f"<- reply {reply['state']} for {reply['recipient']} ({reply['type']}): {_reply_text(reply)}")
+        if reply["type"] == "read":
+            print(f"<- read receipt + typing indicator {reply['state']}")
+        else:
+            print(f"<- reply {reply['state']} for {reply['recipient']} ({reply['type']}): {_reply_text(reply)}")
     if not replies:
         print(f"<- no reply queued within {args.wait:g} s (see the server log)")
     return 0
@@ -189,12 +192,14 @@ def _post(url: str, body: bytes, signature: str) -> int | None:
 
 
 def _wait_for_replies(db: Path, event_id: str, wait: float) -> list[dict[str, Any]]:
+    """Poll until the handler's replies are queued and none is still waiting to be sent."""
     deadline = time.monotonic() + wait
     while True:
         replies = _read_replies(db, event_id)
-        if replies or time.monotonic() >= deadline:
+        settled = replies and all(r["state"] not in ("queued", "sending") for r in replies)
+        if settled or time.monotonic() >= deadline:
             return replies
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def _read_replies(db: Path, event_id: str) -> list[dict[str, Any]]:
