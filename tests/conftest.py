@@ -16,6 +16,7 @@ from alfred_bot.app import create_app
 from alfred_bot.config import Config, Secrets, load_secrets, parse_config
 from alfred_bot.store import Completion, PendingMessage, SqliteStore
 from tests import payloads
+from tests.fakes import FakeGraph
 
 APP_SECRET = "test-app-secret-0123456789"
 VERIFY_TOKEN = "test-verify-token"
@@ -52,6 +53,42 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     }
     data.update(sections)
     return parse_config(data)
+
+
+ACCESS_TOKEN = "test-access-token-EAAG"
+PROD_ENV = {**ENV, "WHATSAPP_ACCESS_TOKEN": ACCESS_TOKEN}
+
+#: Fast retry settings so the fault tests run in well under a second each.
+FAST_OUTBOUND = {
+    "backoff_base_seconds": 0.01,
+    "backoff_cap_seconds": 0.05,
+    "probe_interval_seconds": 0.1,
+    "workers": 4,
+}
+
+
+@pytest.fixture
+async def graph() -> Any:
+    fake = FakeGraph()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+def prod_config(tmp_path: Path, fake: FakeGraph, **sections: dict[str, Any]) -> Config:
+    """Production mode against the fake Graph API on loopback."""
+    outbound = {**FAST_OUTBOUND, **sections.pop("outbound", {})}
+    graph = {"base_url": fake.url, "timeout_seconds": 1.0, **sections.pop("graph", {})}
+    return make_config(tmp_path, graph=graph, outbound=outbound, **sections)
+
+
+@pytest.fixture
+async def prod(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> TestClient[Any, Any]:
+    """The real app in production mode, sending to the fake Graph API."""
+    client: TestClient[Any, Any] = await aiohttp_client(
+        create_app(prod_config(tmp_path, graph), load_secrets(PROD_ENV))
+    )
+    return client
 
 
 @pytest.fixture

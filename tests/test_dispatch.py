@@ -22,7 +22,9 @@ def _count(path: Any, where: str = "") -> int:
 
 
 def _reply_texts(path: Any, event_id: str) -> list[str]:
-    rows = db_rows(path, "SELECT payload FROM outbox WHERE source_event_id = ? ORDER BY idem_key", (event_id,))
+    rows = db_rows(
+        path, "SELECT payload FROM outbox WHERE source_event_id = ? AND type = 'text' ORDER BY idem_key", (event_id,)
+    )
     return [json.loads(r[0])["text"]["body"] for r in rows]
 
 
@@ -127,7 +129,7 @@ async def test_invalid_reply_is_refused_before_queueing() -> None:
     ctx.reply("x" * 4096, quote=True)
     payload = json.loads(ctx.replies[0].payload)
     assert payload["context"] == {"message_id": ctx.message.id}
-    assert payload["to"] == payloads.USER
+    assert payload["to"] == "+" + payloads.USER
 
 
 def _decode(msg: dict[str, Any]) -> Message:

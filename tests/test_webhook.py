@@ -225,8 +225,9 @@ async def test_every_type_is_stored_and_answered(client: TestClient[Any, Any], c
     assert rows["wamid.ALL.interactive"]["context_id"] == "wamid.BIZ1"
     assert rows["wamid.ALL.text"]["name"] == "Ana"
     await wait_for(lambda: _count(cfg, "inbox WHERE state = 'handled'") == len(msgs))
-    # echo answers every type but `system`
-    assert _count(cfg, "outbox") == len(msgs) - 1
+    # echo answers every type but `system`, each with a read receipt first
+    assert _count(cfg, "outbox WHERE type = 'text'") == len(msgs) - 1
+    assert _count(cfg, "outbox WHERE type = 'read'") == len(msgs) - 1
 
 
 async def test_batch_of_entries_changes_statuses_and_fields(client: TestClient[Any, Any], cfg: Any) -> None:
@@ -280,7 +281,7 @@ async def test_redelivery_is_stored_dispatched_and_answered_once(client: TestCli
     await wait_for(lambda: _count(cfg, "inbox WHERE state = 'handled'") == 2)
     await asyncio.sleep(0.05)
     assert _count(cfg, "inbox") == 2
-    assert _count(cfg, "outbox WHERE source_event_id = 'wamid.DUP'") == 1
+    assert _count(cfg, "outbox WHERE source_event_id = 'wamid.DUP' AND type = 'text'") == 1
 
 
 async def test_duplicate_status_and_event_stored_once(client: TestClient[Any, Any], cfg: Any) -> None:

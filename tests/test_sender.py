@@ -1,0 +1,389 @@
+"""Outbound end to end: the real app in production mode against a fake Graph API on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alfred_bot import keys
+from alfred_bot.app import create_app
+from alfred_bot.config import load_secrets
+from alfred_bot.context import new_outbox_id
+from alfred_bot.store import OutboxRow, SqliteStore
+from tests import payloads
+from tests.conftest import (
+    ACCESS_TOKEN,
+    API_TOKEN,
+    ENV,
+    PROD_ENV,
+    db_rows,
+    post_webhook,
+    prod_config,
+    wait_for,
+)
+from tests.fakes import Answer, FakeGraph, graph_error
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+USER_TO = "+" + payloads.USER
+
+
+def _states(cfg_path: Any, where: str = "type = 'text'") -> list[str]:
+    return [r[0] for r in db_rows(cfg_path, f"SELECT state FROM outbox WHERE {where} ORDER BY rowid")]
+
+
+async def _app(
+    aiohttp_client: Any, tmp_path: Path, fake: FakeGraph, env: dict[str, str] = PROD_ENV, **sections: Any
+) -> Any:
+    cfg = prod_config(tmp_path, fake, **sections)
+    client = await aiohttp_client(create_app(cfg, load_secrets(env)))
+    return client, cfg
+
+
+async def _api_send(client: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/api/messages", json=body, headers=AUTH)
+    return resp.status, await resp.json()
+
+
+async def _open_window(client: Any, user: str = payloads.USER) -> None:
+    """A user message opens the 24-hour window (and gets its own echo)."""
+    now = str(int(time.time()))
+    assert await post_webhook(client, payloads.body_of(payloads.text("hi", sender=user, timestamp=now))) == 200
+
+
+async def _message(client: Any, outbox_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/messages/{outbox_id}", headers=AUTH)
+    assert resp.status == 200
+    result: dict[str, Any] = await resp.json()
+    return result
+
+
+# ---------------------------------------------------------------- delivery
+
+
+async def test_reply_is_delivered_with_read_receipt_first(prod: Any, graph: FakeGraph) -> None:
+    assert await post_webhook(prod, payloads.body_of(payloads.text("héllo", id="wamid.IN1"))) == 200
+    await wait_for(lambda: len(graph.sends) == 2)
+    receipt, reply = (r.body for r in graph.sends)
+    assert receipt == {
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": "wamid.IN1",
+        "typing_indicator": {"type": "text"},
+    }
+    assert reply["to"] == USER_TO and reply["text"] == {"body": "You said: héllo"}
+    assert {r.authorization for r in graph.sends} == {f"Bearer {ACCESS_TOKEN}"}
+    assert {r.phone_number_id for r in graph.sends} == {payloads.PNID}
+    cfg = prod.app[keys.CONFIG]
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent", "sent"])
+
+
+async def test_replies_to_one_user_keep_their_order(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"workers": 8})
+    msgs = [payloads.text(f"m{i}") for i in range(8)]
+    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
+    await wait_for(lambda: len(graph.texts()) == 8)
+    assert graph.texts() == [f"You said: m{i}" for i in range(8)]
+
+
+async def test_statuses_move_rows_forward_never_back(prod: Any, graph: FakeGraph) -> None:
+    await _open_window(prod)
+    status, sent = await _api_send(prod, {"to": payloads.USER, "type": "text", "text": {"body": "track me"}})
+    assert status == 202
+    await wait_for(lambda: any(r.body.get("text") == {"body": "track me"} for r in graph.sends))
+
+    async def sent_with_wamid() -> bool:
+        return (await _message(prod, sent["id"]))["wamid"] is not None
+
+    await wait_for(sent_with_wamid)
+    wamid = (await _message(prod, sent["id"]))["wamid"]
+    for state in ("read", "delivered", "sent"):  # out of order: read first
+        body = payloads.dump(
+            payloads.envelope(payloads.entry(payloads.change(payloads.value(statuses=[payloads.status(wamid, state)]))))
+        )
+        assert await post_webhook(prod, body) == 200
+    row = await _message(prod, sent["id"])
+    assert row["status"] == "read"
+    assert row["delivered_at"] is not None and row["read_at"] is not None
+
+
+async def test_async_failed_status_marks_needs_template(prod: Any, graph: FakeGraph) -> None:
+    await _open_window(prod)
+    _, sent = await _api_send(prod, {"to": payloads.USER, "type": "text", "text": {"body": "late"}})
+
+    async def has_wamid() -> bool:
+        return (await _message(prod, sent["id"]))["wamid"] is not None
+
+    await wait_for(has_wamid)
+    wamid = (await _message(prod, sent["id"]))["wamid"]
+    failed = payloads.status(
+        wamid, "failed", errors=[{"code": 131047, "title": "Re-engagement message", "error_data": {"details": "24h"}}]
+    )
+    body = payloads.dump(payloads.envelope(payloads.entry(payloads.change(payloads.value(statuses=[failed])))))
+    assert await post_webhook(prod, body) == 200
+    row = await _message(prod, sent["id"])
+    assert row["status"] == "failed"
+    assert row["error"]["code"] == 131047 and row["error"]["needs_template"] is True
+
+
+async def test_status_before_our_ack_is_applied_when_acked(prod: Any, graph: FakeGraph) -> None:
+    """Meta's `delivered` can arrive before we wrote the wamid; it must not be lost."""
+    await _open_window(prod)
+    await wait_for(lambda: len(graph.sends) == 2)
+    graph.script_for(USER_TO, Answer(body={"messages": [{"id": "wamid.EARLY"}]}, delay=0.3))
+    _, sent = await _api_send(prod, {"to": payloads.USER, "type": "text", "text": {"body": "race"}})
+    await wait_for(lambda: "race" in graph.texts())
+    status = payloads.status("wamid.EARLY", "delivered")
+    body = payloads.dump(payloads.envelope(payloads.entry(payloads.change(payloads.value(statuses=[status])))))
+    assert await post_webhook(prod, body) == 200
+    assert (await _message(prod, sent["id"]))["status"] == "sending"  # our ack is still in flight
+
+    async def delivered() -> bool:
+        return (await _message(prod, sent["id"]))["status"] == "delivered"
+
+    await wait_for(delivered)
+
+
+# ---------------------------------------------------------------- decisions
+
+
+async def test_transient_errors_retry_until_sent(prod: Any, graph: FakeGraph) -> None:
+    graph.script_for(
+        USER_TO, Answer(status=502, body=b"<html>Bad Gateway</html>"), graph_error(131016, 503), Answer(status=500)
+    )
+    await _open_window(prod)
+    path = prod.app[keys.CONFIG].storage.path
+    await wait_for(lambda: _states(path) == ["sent"])
+    assert db_rows(path, "SELECT attempts FROM outbox WHERE type = 'text'")[0][0] == 4
+    assert graph.texts() == ["You said: hi"] * 4
+
+
+async def test_throughput_error_slows_the_number_down(prod: Any, graph: FakeGraph) -> None:
+    graph.script.append(graph_error(130429))
+    await _open_window(prod)
+    await wait_for(lambda: _states(prod.app[keys.CONFIG].storage.path, "1") == ["sent", "sent"])
+    sender = prod.app[keys.SENDER]
+    assert sender.counts["error_130429"] == 1
+    assert sender._limiters["home"].slowed
+
+
+async def test_unknown_error_gives_up_after_a_few_attempts(prod: Any, graph: FakeGraph) -> None:
+    graph.script_for(USER_TO, *[graph_error(131000, 500)] * 3)
+    await _open_window(prod)
+    path = prod.app[keys.CONFIG].storage.path
+    await wait_for(lambda: _states(path) == ["failed"])
+    row = db_rows(path, "SELECT attempts, error_code, error_message FROM outbox WHERE state = 'failed'")[0]
+    assert (row["attempts"], row["error_code"]) == (3, 131000)
+    assert row["error_message"].startswith("gave up after 3 attempts")
+    assert len(graph.texts()) == 3
+
+
+async def test_permanent_error_is_one_attempt_with_everything_kept(prod: Any, graph: FakeGraph) -> None:
+    await _open_window(prod)
+    await wait_for(lambda: len(graph.sends) == 2)
+    graph.script.append(graph_error(131026, details="Receiver is incapable of receiving this message"))
+    status, sent = await _api_send(prod, {"to": payloads.USER, "type": "text", "text": {"body": "nope"}})
+    assert status == 202
+
+    async def failed() -> bool:
+        return (await _message(prod, sent["id"]))["status"] == "failed"
+
+    await wait_for(failed)
+    row = await _message(prod, sent["id"])
+    assert row["attempts"] == 1
+    assert row["error"] == {
+        "code": 131026,
+        "message": "(#131026) error",
+        "details": "Receiver is incapable of receiving this message",
+        "fbtrace_id": "trace-131026",
+        "needs_template": False,
+    }
+    assert len(graph.sends) == 3
+
+
+async def test_token_error_pauses_the_tenant_until_a_probe_succeeds(prod: Any, graph: FakeGraph) -> None:
+    graph.probe_status = 401
+    graph.script.append(graph_error(190, 401, "Access token has expired"))
+    await _open_window(prod)
+    sender = prod.app[keys.SENDER]
+    await wait_for(lambda: "home" in sender.pauses)
+    health = await (await prod.get("/healthz")).json()
+    assert health["sender"]["paused"]["home"]["kind"] == "token"
+    assert "190" in health["sender"]["paused"]["home"]["reason"]
+    sends_while_paused = len(graph.sends)
+    await wait_for(lambda: graph.probes >= 2)
+    assert len(graph.sends) == sends_while_paused  # no retry storm
+    path = prod.app[keys.CONFIG].storage.path
+    assert "failed" not in _states(path, "1")
+    tenants = await (await prod.get("/api/tenants", headers=AUTH)).json()
+    assert tenants[0]["paused"]["code"] == 190
+    graph.probe_status = 200
+    await wait_for(lambda: "home" not in sender.pauses)
+    await wait_for(lambda: _states(path, "1") == ["sent", "sent"])
+
+
+async def test_account_block_pauses_until_the_operator_resumes(prod: Any, graph: FakeGraph) -> None:
+    graph.script.append(graph_error(368, 403, "Temporarily blocked for policies violations"))
+    await _open_window(prod)
+    sender = prod.app[keys.SENDER]
+    await wait_for(lambda: "home" in sender.pauses)
+    assert sender.pauses["home"].kind == "account"
+    await asyncio.sleep(0.3)  # probes do not lift an account block
+    assert "home" in sender.pauses
+    resp = await prod.post("/api/tenants/home/resume", headers=AUTH)
+    assert (await resp.json()) == {"tenant": "home", "resumed": True}
+    path = prod.app[keys.CONFIG].storage.path
+    await wait_for(lambda: _states(path, "1") == ["sent", "sent"])
+    assert (await prod.post("/api/tenants/nope/resume", headers=AUTH)).status == 404
+
+
+async def test_pair_limit_delays_only_that_recipient(prod: Any, graph: FakeGraph) -> None:
+    other = "15559876543"
+    graph.script_for("+" + payloads.USER, graph_error(131056))
+    started = time.monotonic()
+    body = payloads.body_of(payloads.text("a1"), payloads.text("b1", sender=other), payloads.text("b2", sender=other))
+    assert await post_webhook(prod, body) == 200
+    await wait_for(lambda: {"You said: b1", "You said: b2"} <= set(graph.texts()))
+    assert time.monotonic() - started < 0.9  # the other user was not held behind the 1 s backoff
+    await wait_for(lambda: graph.texts().count("You said: a1") == 2, timeout=5)
+    a1 = [r.at for r in graph.sends if r.body.get("text") == {"body": "You said: a1"}]
+    assert a1[-1] - a1[0] >= 0.95  # 4^0 = 1 s after the 131056
+
+
+async def test_timeouts_and_resets_are_retried(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, cfg = await _app(aiohttp_client, tmp_path, graph, graph={"timeout_seconds": 0.2})
+    graph.script.extend([Answer(delay=0.5), Answer(reset=True)])
+    await _open_window(client)
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent", "sent"])
+
+
+async def test_refused_connection_fails_after_max_attempts(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    dead = FakeGraph()
+    await dead.start()
+    url = dead.url
+    await dead.close()  # nothing listens there any more
+    dead.url = url
+    cfg = prod_config(tmp_path, dead, outbound={"max_attempts": 2})
+    client = await aiohttp_client(create_app(cfg, load_secrets(PROD_ENV)))
+    await _open_window(client)
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["failed", "failed"])
+    row = db_rows(cfg.storage.path, "SELECT attempts, error_message FROM outbox")[0]
+    assert row["attempts"] == 2 and "connection failed" in row["error_message"]
+
+
+async def test_pacing_never_exceeds_the_rate_at_the_receiver(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"rate_per_second": 5, "workers": 8})
+    users = [f"1555000{i:04d}" for i in range(12)]
+    msgs = [payloads.text("x", sender=u) for u in users]
+    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
+    await wait_for(lambda: len(graph.sends) == 24, timeout=10)
+    times = sorted(r.at for r in graph.sends)
+    worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert worst <= 5
+
+
+# ---------------------------------------------------------------- durability
+
+
+async def test_rows_of_a_crashed_process_come_back_after_the_lease(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    cfg = prod_config(tmp_path, graph)
+    store = SqliteStore(Path(cfg.storage.path))
+    await store.open()
+    row = OutboxRow(new_outbox_id(), "k1", "home", payloads.USER, "template", b'{"type":"template","to":"+1"}')
+    await store.enqueue([row])
+    claimed = await store.claim(time.time(), 10, 0.3, frozenset())  # a process that then dies
+    assert [j.id for j in claimed] == [row.id]
+    await store.close()
+    await aiohttp_client(create_app(cfg, load_secrets(PROD_ENV)))
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent"])
+    assert len(graph.sends) == 1
+
+
+async def test_shutdown_puts_claimed_rows_back(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    graph.latency = 0.3
+    client, cfg = await _app(
+        aiohttp_client, tmp_path, graph, outbound={"workers": 1}, dispatch={"shutdown_grace_seconds": 1}
+    )
+    users = [f"1555111{i:04d}" for i in range(3)]
+    assert await post_webhook(client, payloads.body_of(*[payloads.text("x", sender=u) for u in users])) == 200
+    await wait_for(lambda: len(graph.sends) >= 1)
+    await client.close()
+    states = _states(cfg.storage.path, "1")
+    assert "sending" not in states
+    assert states.count("sent") >= 1 and states.count("queued") >= 1
+
+
+async def test_sandbox_mode_sends_nothing_to_meta(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, cfg = await _app(aiohttp_client, tmp_path, graph, env=ENV)
+    await _open_window(client)
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent", "sent"])
+    assert graph.sends == []
+    wamids = [r[0] for r in db_rows(cfg.storage.path, "SELECT wamid FROM outbox WHERE type = 'text'")]
+    assert wamids[0].startswith("wamid.SANDBOX")
+
+
+# ---------------------------------------------------------------- API
+
+
+async def test_api_send_idempotency_key(prod: Any, graph: FakeGraph) -> None:
+    await _open_window(prod)
+    body = {"to": payloads.USER, "type": "text", "text": {"body": "once"}, "idempotency_key": "order-42"}
+    first = await _api_send(prod, body)
+    second = await _api_send(prod, body)
+    assert first[0] == second[0] == 202
+    assert first[1]["id"] == second[1]["id"]
+    await wait_for(lambda: graph.texts().count("once") == 1)
+    await asyncio.sleep(0.1)
+    assert graph.texts().count("once") == 1
+
+
+async def test_free_form_outside_the_window_is_refused_templates_are_not(prod: Any, graph: FakeGraph) -> None:
+    stranger = "15550001234"
+    status, body = await _api_send(prod, {"to": stranger, "type": "text", "text": {"body": "hello?"}})
+    assert status == 422
+    assert body["field"] == "to" and "24-hour" in body["error"]
+    template = {"name": "hello_world", "language": {"code": "en_US"}}
+    status, body = await _api_send(prod, {"to": stranger, "type": "template", "template": template})
+    assert (status, body["status"]) == (202, "queued")
+    await _open_window(prod, stranger)
+    status, _ = await _api_send(prod, {"to": "+1 555 000 1234", "type": "text", "text": {"body": "now ok"}})
+    assert status == 202
+    await wait_for(lambda: "now ok" in graph.texts())
+    assert [r.body["to"] for r in graph.sends if r.body.get("text") == {"body": "now ok"}] == ["+15550001234"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"to": payloads.USER, "type": "text", "text": {"body": ""}}, 422, "text.body"),
+        ({"to": payloads.USER, "type": "text", "text": {"body": "x" * 4097}}, 422, "text.body"),
+        ({"to": payloads.USER, "type": "fax", "fax": {}}, 422, "type"),
+        ({"to": "not a number", "type": "text", "text": {"body": "x"}}, 422, "to"),
+        ({"to": payloads.USER, "type": "text", "text": {"body": "x"}, "tenant": "nobody"}, 422, "tenant"),
+        ({"to": payloads.USER, "type": "text", "text": {"body": "x"}, "idempotency_key": ""}, 422, "idempotency_key"),
+        ({"to": payloads.USER, "type": "text", "text": {"body": "x"}, "surprise": 1}, 422, "surprise"),
+    ],
+)
+async def test_api_send_validation_names_the_field(prod: Any, body: dict[str, Any], status: int, field: str) -> None:
+    got, answer = await _api_send(prod, body)
+    assert (got, answer["field"]) == (status, field)
+
+
+async def test_api_send_errors(prod: Any) -> None:
+    resp = await prod.post("/api/messages", data=b"{not json", headers=AUTH)
+    assert resp.status == 400
+    resp = await prod.post("/api/messages", json={"to": payloads.USER})
+    assert resp.status == 401
+    resp = await prod.get("/api/messages/does-not-exist", headers=AUTH)
+    assert resp.status == 404
+    assert json.loads(await resp.text()) == {"error": "no such message"}
