@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Protocol
 
 import aiohttp
@@ -19,6 +21,18 @@ from alfred_bot.decide import Decision, Outcome, decide, transport_failure
 log = logging.getLogger("alfred.graph")
 
 
+OnWire = Callable[[], None]
+
+
+async def _headers_sent(
+    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    """Tell the sender when a request really left (for pacing as the receiver sees it)."""
+    on_wire = (ctx.trace_request_ctx or {}).get("on_wire")
+    if on_wire is not None:
+        on_wire()
+
+
 class Transport(Protocol):
     """Where sends go."""
 
@@ -26,8 +40,8 @@ class Transport(Protocol):
 
     async def close(self) -> None: ...
 
-    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
-        """Deliver one Cloud API message body for this business number."""
+    async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
+        """Deliver one Cloud API message body; call `on_wire()` when its bytes are on the wire."""
 
     async def probe(self, phone_number_id: str) -> bool:
         """True when the credentials work again (used to lift a token pause)."""
@@ -44,10 +58,13 @@ class GraphTransport:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit=self._connections),
             headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+            trace_configs=[trace],
         )
 
     async def close(self) -> None:
@@ -60,10 +77,10 @@ class GraphTransport:
             raise RuntimeError("GraphTransport used before start()")
         return self._session
 
-    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
+    async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
         url = f"{self._base}/{phone_number_id}/messages"
         try:
-            async with self._client().post(url, data=payload) as resp:
+            async with self._client().post(url, data=payload, trace_request_ctx={"on_wire": on_wire}) as resp:
                 body = await resp.read()
                 return decide(resp.status, body, resp.headers)
         except TimeoutError:
@@ -89,8 +106,10 @@ class SandboxTransport:
     async def close(self) -> None:
         return None
 
-    async def send(self, phone_number_id: str, payload: bytes) -> Decision:
+    async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
         await asyncio.sleep(0)
+        if on_wire is not None:
+            on_wire()
         return Decision(outcome=Outcome.SENT, http_status=200, wamid=f"wamid.SANDBOX{uuid.uuid4().hex}")
 
     async def probe(self, phone_number_id: str) -> bool:

@@ -59,6 +59,7 @@ class Sender:
         self._out = cfg.outbound
         self._pnid = {name: t.phone_number_id for name, t in cfg.tenants.items()}
         self._clock = clock
+        self._monotonic = monotonic
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not crypto)
         self._limiters = {name: SlidingWindowLimiter(self._out.rate_per_second, clock=monotonic) for name in self._pnid}
         self._pairs = {
@@ -180,14 +181,19 @@ class Sender:
             await self._settle(Settlement(id=job.id, state="queued", refund=True, due_at=self._clock() + wait))
             self.counts["deferred_pair"] += 1
             return
-        await self._pace(job.tenant)
+        limiter = self._limiters[job.tenant]
+        await self._pace(limiter)
         if not receipt:
             pairs.record(job.recipient)
-        decision = await self._transport.send(self._pnid[job.tenant], job.payload)
+        started = self._monotonic()
+
+        def on_wire() -> None:
+            limiter.observe_lag(self._monotonic() - started)
+
+        decision = await self._transport.send(self._pnid[job.tenant], job.payload, on_wire)
         await self._apply(job, decision)
 
-    async def _pace(self, tenant: str) -> None:
-        limiter = self._limiters[tenant]
+    async def _pace(self, limiter: SlidingWindowLimiter) -> None:
         while (wait := limiter.delay()) > 0:
             self.counts["paced_waits"] += 1
             await asyncio.sleep(wait)

@@ -54,15 +54,39 @@ def test_never_more_than_rate_in_any_second_and_near_full_throughput(rate: int) 
     assert achieved >= 0.97 * rate
 
 
-def test_first_burst_then_waits_exactly_for_the_window() -> None:
+def test_starts_are_spaced_evenly_not_bunched() -> None:
     clock = FakeClock()
     limiter = SlidingWindowLimiter(3, clock=clock)
-    assert [limiter.try_acquire() for _ in range(4)] == [True, True, True, False]
-    assert limiter.delay() == pytest.approx(1.01)
-    clock.advance(1.0)
-    assert limiter.try_acquire() is False
-    clock.advance(0.01)
+    assert [limiter.try_acquire() for _ in range(2)] == [True, False]
+    assert limiter.delay() == pytest.approx(1.01 / 3)
+    clock.advance(1.01 / 3)
     assert limiter.try_acquire() is True
+
+
+def test_small_burst_then_spacing_at_high_rates() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(1000, clock=clock)
+    burst = 0
+    while limiter.try_acquire():
+        burst += 1
+    assert burst == 50  # 5 % of the capacity back to back, then one per 1.01 ms
+    assert limiter.delay() == pytest.approx(1.01 / 1000)
+
+
+def test_window_caps_what_the_burst_would_add() -> None:
+    """Spacing with a burst of 2 alone would allow 41 starts in the first 1.01 s at 40/s; the window allows 40."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(40, clock=clock)
+    start = clock.now
+    starts = []
+    while clock.now < start + 1.01 - 1e-9:
+        wait = limiter.delay()
+        if wait > 0:
+            clock.advance(wait)
+            continue
+        limiter.record()
+        starts.append(clock.now)
+    assert len([t for t in starts if t < start + 1.01 - 1e-9]) == 40
 
 
 def test_fractional_rate_rounds_down_never_up() -> None:
@@ -122,3 +146,20 @@ def test_pair_backoff_is_capped_and_state_pruned() -> None:
     pairs.prune()
     assert pairs.on_pair_limit("a") == 1.0
     assert pairs.delay("b") == 0
+
+
+def test_observed_wire_lag_stretches_the_window_for_a_while() -> None:
+    """Requests that reached the wire late would bunch with the next ones at the receiver."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(1, clock=clock)
+    limiter.record()
+    limiter.observe_lag(0.3)
+    assert limiter.window == pytest.approx(1.31)
+    assert limiter.delay() == pytest.approx(1.31)
+    clock.advance(0.5)
+    limiter.observe_lag(0.1)  # a smaller lag does not shrink the window while the larger is recent
+    assert limiter.window == pytest.approx(1.31)
+    clock.advance(0.52)
+    assert limiter.window == pytest.approx(1.11)  # the 0.3 s lag has aged out, the 0.1 s has not
+    limiter.observe_lag(5.0)
+    assert limiter.window == pytest.approx(2.01)  # capped at MAX_LAG
