@@ -1,0 +1,172 @@
+"""Pacing benchmark: achieved send rate and the worst sliding 1-second window, at the receiver.
+
+    python bench/pacing.py [--seconds 8]
+
+For each scenario a backlog of template sends is written to a fresh outbox, then Alfred
+(`python main.py`, production mode, pinned to CPU 0) drains it to a fake Graph API (pinned to
+CPU 1) that answers after a fixed latency and records arrival times on its own clock. The
+baseline in the same run is the same backlog with pacing effectively off (rate 100,000/s),
+which shows what the send pool can do at that latency. Utilisation of the pool follows from
+Little's law: achieved rate x latency / workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from alfred_bot.context import new_outbox_id  # noqa: E402
+from alfred_bot.store import OutboxRow, SqliteStore  # noqa: E402
+
+PNID = "123456789012345"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cmd: list[str], cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
+
+
+def get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        data: dict[str, object] = json.loads(r.read())
+        return data
+
+
+def wait_up(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+async def fill_outbox(db: Path, n: int) -> None:
+    store = SqliteStore(db)
+    await store.open()
+    payload = json.dumps(
+        {
+            "messaging_product": "whatsapp",
+            "to": "+15550000000",
+            "type": "template",
+            "template": {"name": "hello_world", "language": {"code": "en_US"}},
+        }
+    ).encode()
+    rows = [OutboxRow(new_outbox_id(), f"bench:{i}", "home", f"1555{i:07d}", "template", payload) for i in range(n)]
+    for i in range(0, n, 1000):
+        await store.enqueue(rows[i : i + 1000])
+    await store.close()
+
+
+def worst_window(times: list[float]) -> int:
+    worst, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= 1.0:
+            lo += 1
+        worst = max(worst, hi - lo + 1)
+    return worst
+
+
+def scenario(name: str, rate: float, latency: float, n: int, workers: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "alfred.db"
+        asyncio.run(fill_outbox(db, n))
+        fake_port, alfred_port = free_port(), free_port()
+        config = Path(tmp) / "config.toml"
+        config.write_text(
+            f'[server]\nport = {alfred_port}\n[storage]\npath = "{db}"\n[logging]\nlevel = "WARNING"\n'
+            f'[graph]\nbase_url = "http://127.0.0.1:{fake_port}"\n'
+            f"[outbound]\nrate_per_second = {rate}\nworkers = {workers}\n"
+            f'[tenants.home]\nphone_number_id = "{PNID}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WHATSAPP_", "ALFRED_"))}
+        env |= {"WHATSAPP_ACCESS_TOKEN": "bench", "WHATSAPP_APP_SECRET": "bench", "WHATSAPP_VERIFY_TOKEN": "bench"}
+        fake = subprocess.Popen(
+            pinned(
+                [sys.executable, str(ROOT / "bench" / "fake_graph.py"), str(fake_port), "--latency", str(latency)], 1
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_up(f"http://127.0.0.1:{fake_port}/healthz")
+        alfred = subprocess.Popen(
+            pinned([sys.executable, "main.py", "--config", str(config)], 0),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + n / min(rate, 5000) * 3 + 30
+            arrivals: list[float] = []
+            while time.monotonic() < deadline:
+                arrivals = sorted(get_json(f"http://127.0.0.1:{fake_port}/_stats")["arrivals"])  # type: ignore[arg-type]
+                if len(arrivals) >= n:
+                    break
+                time.sleep(0.25)
+        finally:
+            alfred.terminate()
+            alfred.wait(timeout=30)
+            fake.terminate()
+            fake.wait(timeout=10)
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
+    achieved = (len(arrivals) - 1) / span
+    return {
+        "scenario": name,
+        "rate": rate,
+        "latency_ms": latency * 1000,
+        "sends": len(arrivals),
+        "expected": n,
+        "achieved": achieved,
+        "worst_window": worst_window(arrivals),
+        "workers": workers,
+        "utilisation": achieved * latency / workers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each paced backlog (default 8)")
+    args = parser.parse_args()
+    s = args.seconds
+    results = [
+        scenario("80 msg/s, 0 ms", 80, 0.0, int(80 * s), 20),
+        scenario("1000 msg/s, 100 ms", 1000, 0.1, int(1000 * s), 250),
+        scenario("baseline: unpaced, 100 ms", 100_000, 0.1, int(1000 * s), 250),
+    ]
+    print(
+        f"\npacing: backlog of ~{s:g} s per scenario; Alfred on CPU 0, fake Graph API on CPU 1; times at the receiver\n"
+    )
+    print("| scenario | configured | sends | achieved msg/s | of configured | worst 1 s window | workers | pool busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        share = f"{r['achieved'] / r['rate']:.1%}" if r["rate"] < 100_000 else "–"  # type: ignore[operator]
+        print(
+            f"| {r['scenario']} | {r['rate']:g} | {r['sends']}/{r['expected']} | {r['achieved']:.1f} | {share} | "
+            f"{r['worst_window']} | {r['workers']} | {r['utilisation']:.0%} |"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
