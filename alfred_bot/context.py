@@ -21,6 +21,7 @@ MAX_TEXT = 4096
 
 ReplyError = InvalidMessage  # a reply the Cloud API would refuse; raised before anything is queued
 
+
 def new_outbox_id() -> str:
     """Time-ordered, unique id for an outbox row (ms timestamp + 64 random bits)."""
     return f"{int(time.time() * 1000):012x}{os.urandom(8).hex()}"

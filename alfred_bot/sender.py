@@ -138,7 +138,8 @@ class Sender:
         due = await self._store.next_due(skip)
         timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - self._clock()))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._wake.wait()
 
     # ------------------------------------------------------------------ workers
 
@@ -242,6 +243,8 @@ class Sender:
 
     async def _settle(self, result: Settlement) -> None:
         await self._store.settle(result, self._clock())
+        if result.state == "queued":
+            self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
 
     # ------------------------------------------------------------------ pauses
 

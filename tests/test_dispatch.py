@@ -84,7 +84,7 @@ async def test_handler_error_marks_failed_and_sends_fallback(aiohttp_client: Any
     assert error == "RuntimeError: kaput"
     assert _reply_texts(cfg.storage.path, "wamid.BOOM") == ["Lo siento, no pude procesar tu mensaje."]
     assert _reply_texts(cfg.storage.path, "wamid.OK") == ["fine"]
-    assert client.app[keys.DISPATCHER].counts["failed"] == 1
+    await wait_for(lambda: client.app[keys.DISPATCHER].counts["failed"] == 1)
 
 
 async def test_handler_timeout_is_a_failure(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
