@@ -1,10 +1,11 @@
 """Send workers: outbox → lease → pacing → Graph API → decision → outbox.
 
 A pump claims due rows (a lease in the store, so a crash returns them by themselves) into a
-bounded queue; workers take them in order. Before a send a worker holds the recipient's lock
-(one user's messages keep their order), waits for the recipient's pair budget (else the row is
-put back for later, without blocking other users) and for the number's sliding window. The
-decision decides the row's fate; only `decide.py` reads Graph answers.
+bounded queue; workers take them in order. A row for a user whose previous message is still in
+flight is parked behind it (one user's messages keep their order, and no worker waits idle). A
+worker then checks the user's pair budget (else the row is put back for later, without blocking
+other users) and waits for the number's sliding window. The decision decides the row's fate;
+only `decide.py` reads Graph answers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import msgspec
@@ -73,8 +74,8 @@ class Sender:
         self.counts: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._lock_users: Counter[tuple[str, str]] = Counter()
+        self._active: dict[tuple[str, str], deque[OutboxJob]] = {}  # user -> jobs parked behind the one in flight
+        self._orphans: list[OutboxJob] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -108,9 +109,12 @@ class Sender:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tasks = []
+        leftovers = [*self._orphans, *(job for parked in self._active.values() for job in parked)]
         while not self.queue.empty():
-            job = self.queue.get_nowait()
+            leftovers.append(self.queue.get_nowait())
+        for job in leftovers:
             await self._settle(Settlement(id=job.id, state="queued", refund=True))
+        self._orphans.clear()
 
     # ------------------------------------------------------------------ pump
 
@@ -152,24 +156,33 @@ class Sender:
             self._busy.add(current)
             try:
                 await self._process(job)
-            except Exception:  # the row stays leased and comes back when the lease ends
-                log.exception("send of outbox row %s failed unexpectedly", job.id)
             finally:
                 self._busy.discard(current)
                 self.queue.task_done()
 
     async def _process(self, job: OutboxJob) -> None:
+        """Send `job`, or park it behind the send already under way to the same user.
+
+        Parking instead of waiting on a lock keeps one user's messages in order without
+        tying up a worker per waiting message (which would stall every other user).
+        """
         key = (job.tenant, job.recipient)
-        self._lock_users[key] += 1
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        if key in self._active:
+            self._active[key].append(job)
+            return
+        parked: deque[OutboxJob] = deque()
+        self._active[key] = parked
         try:
-            async with lock:
-                await self._send(job)
+            while True:
+                try:
+                    await self._send(job)
+                except Exception:  # the row stays leased and comes back when the lease ends
+                    log.exception("send of outbox row %s failed unexpectedly", job.id)
+                if not parked:
+                    break
+                job = parked.popleft()
         finally:
-            self._lock_users[key] -= 1
-            if not self._lock_users[key]:
-                del self._lock_users[key]
-                self._locks.pop(key, None)
+            self._orphans.extend(self._active.pop(key))  # non-empty only when cancelled mid-chain
 
     async def _send(self, job: OutboxJob) -> None:
         if job.tenant in self.pauses or job.tenant not in self._pnid:

@@ -90,6 +90,18 @@ async def test_replies_to_one_user_keep_their_order(aiohttp_client: Any, tmp_pat
     assert graph.texts() == [f"You said: m{i}" for i in range(8)]
 
 
+async def test_a_busy_user_does_not_hold_up_the_others(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"workers": 2})
+    graph.latency = 0.15
+    template = {"name": "hello_world", "language": {"code": "en_US"}}
+    for i in range(6):
+        assert (await _api_send(client, {"to": "15550000001", "type": "template", "template": template}))[0] == 202
+    assert (await _api_send(client, {"to": "15550000002", "type": "template", "template": template}))[0] == 202
+    await wait_for(lambda: len(graph.sends) == 7, timeout=5)
+    order = [r.body["to"] for r in graph.sends]
+    assert order.index("+15550000002") <= 2  # not behind all six of the first user's messages
+
+
 async def test_statuses_move_rows_forward_never_back(prod: Any, graph: FakeGraph) -> None:
     await _open_window(prod)
     status, sent = await _api_send(prod, {"to": payloads.USER, "type": "text", "text": {"body": "track me"}})
