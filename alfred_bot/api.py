@@ -68,8 +68,9 @@ async def healthz(request: web.Request) -> web.Response:
         "sender": {
             "running": sender.running,
             "workers": sender.workers,
-            "queue": sender.queue.qsize(),
-            "paused": {name: msgspec.to_builtins(p) for name, p in sender.pauses.items()},
+            "queue": sender.queued,
+            # open endpoint: kind and code only; the reason is in the authenticated /api/tenants
+            "paused": {name: {"kind": p.kind, "code": p.code, "since": p.since} for name, p in sender.pauses.items()},
             **sender.counts,
         },
         "outbox": outbox,
@@ -101,7 +102,7 @@ def _send_target(cfg: Config, body: Any) -> tuple[str, str | None] | web.Respons
     """The tenant (default: the first) and idempotency key of an API send, or a 422."""
     obj = body if isinstance(body, dict) else {}
     tenant = obj.get("tenant", next(iter(cfg.tenants)))
-    if tenant not in cfg.tenants:
+    if not isinstance(tenant, str) or tenant not in cfg.tenants:
         return _invalid("tenant", f"unknown tenant {tenant!r} (have: {', '.join(cfg.tenants)})")
     key = obj.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
@@ -128,25 +129,33 @@ async def send_message(request: web.Request) -> web.Response:
         payload = validate_send(body)
     except InvalidMessage as exc:
         return _invalid(exc.field, str(exc).removeprefix(f"{exc.field}: "))
-    store = app[keys.STORE]
-    recipient = payload["to"].lstrip("+")
-    if payload["type"] != "template":
-        last = await store.last_inbound(tenant, recipient)
-        if last is None or time.time() - last > WINDOW_SECONDS:
-            return _invalid("to", "outside the 24-hour customer service window: only a template can be sent")
     row = OutboxRow(
         id=new_outbox_id(),
         idem_key=f"api:{tenant}:{key}" if key else f"api:{uuid.uuid4().hex}",
         tenant=tenant,
-        recipient=recipient,
+        recipient=payload["to"].lstrip("+"),
         type=payload["type"],
         payload=msgspec.json.encode(payload),
+        priority=1,  # business-initiated: conversations with users go first
     )
     try:
-        [outbox_id] = await store.enqueue([row])
-        existing = None if outbox_id == row.id else await store.message(outbox_id)
+        return await _queue(app, row, payload["type"] != "template")
     except StoreError:
         return error(503, "temporarily unable to queue the message")
+
+
+async def _queue(app: web.Application, row: OutboxRow, needs_window: bool) -> web.Response:
+    """Queue `row`; a retry with the same idempotency key gets the first message back, even late."""
+    store = app[keys.STORE]
+    existing = await store.message_by_key(row.idem_key)
+    if existing is not None:
+        return json_response({"id": existing["id"], "status": existing["state"]}, 202)
+    if needs_window:
+        last = await store.last_inbound(row.tenant, row.recipient)
+        if last is None or time.time() - last > WINDOW_SECONDS:
+            return _invalid("to", "outside the 24-hour customer service window: only a template can be sent")
+    [outbox_id] = await store.enqueue([row])
+    existing = None if outbox_id == row.id else await store.message(outbox_id)
     app[keys.SENDER].wake()
     return json_response({"id": outbox_id, "status": existing["state"] if existing else "queued"}, 202)
 

@@ -34,6 +34,8 @@ SLOW_DOWN = frozenset({4, 80007, 130429})
 UNKNOWN = frozenset({1, 131000})
 #: Credentials or permissions: every send of the tenant would fail the same way.
 TENANT_PAUSE = frozenset({0, 3, 10, 190}) | frozenset(range(200, 300))
+#: The token itself is bad: every tenant sending with it is affected.
+TOKEN_CODES = frozenset({0, 190})
 #: The number or account is blocked, locked or unpaid.
 NUMBER_PAUSE = frozenset({368, 131031, 131042, 131048})
 PAIR = 131056
@@ -107,11 +109,13 @@ def decide(status: int, body: bytes, headers: Mapping[str, str] | None = None) -
         answer = None
     if answer is not None and answer.error is not None and answer.error.code is not None:
         return _by_code(status, answer.error, after)
-    if 200 <= status < 300 and answer is not None:
-        if answer.messages:
-            return Decision(outcome=Outcome.SENT, http_status=status, wamid=answer.messages[0].id)
-        if answer.success:
-            return Decision(outcome=Outcome.SENT, http_status=status)
+    if 200 <= status < 300:
+        # Accepted. Without a readable id we cannot track delivery, but sending again would
+        # probably duplicate the message: keep the raw answer instead.
+        wamid = answer.messages[0].id if answer is not None and answer.messages else None
+        plain = answer is not None and (wamid is not None or answer.success)
+        raw = None if plain else (body[:RAW_KEEP].decode("utf-8", "replace") or "(empty body)")
+        return Decision(outcome=Outcome.SENT, http_status=status, wamid=wamid, raw=raw)
     return _by_status(status, body, after)
 
 

@@ -82,7 +82,8 @@ class GraphTransport:
         try:
             async with self._client().post(url, data=payload, trace_request_ctx={"on_wire": on_wire}) as resp:
                 body = await resp.read()
-                return decide(resp.status, body, resp.headers)
+                # Meta's error text can echo a malformed token back: never keep it.
+                return decide(resp.status, body.replace(self._token.encode(), b"[redacted]"), resp.headers)
         except TimeoutError:
             return transport_failure(f"no answer within {self._timeout:g} s")
         except aiohttp.ClientError as exc:

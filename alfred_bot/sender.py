@@ -1,11 +1,13 @@
 """Send workers: outbox → lease → pacing → Graph API → decision → outbox.
 
-A pump claims due rows (a lease in the store, so a crash returns them by themselves) into a
-bounded queue; workers take them in order. A row for a user whose previous message is still in
-flight is parked behind it (one user's messages keep their order, and no worker waits idle). A
-worker then checks the user's pair budget (else the row is put back for later, without blocking
-other users) and waits for the number's sliding window. The decision decides the row's fate;
-only `decide.py` reads Graph answers.
+Each tenant (one business number) has its own lane: a bounded queue, a worker pool sized for
+its rate, its sliding-window limiter and its pair limiter, so one number's backlog never
+delays another's. A pump claims due rows per lane (a lease in the store: a crash returns them
+by themselves), only the oldest pending row of each user (so one user's messages keep their
+order even across retries), and never a row this process already holds. A worker checks the
+user's pair budget (else the row is put back for later, without blocking other users), books
+a slot in the number's window and sleeps once for it, then sends. Only `decide.py` reads
+Graph answers.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
 
-from alfred_bot.config import Config
-from alfred_bot.decide import Decision, Outcome, backoff
+from alfred_bot.config import Config, OutboundConfig
+from alfred_bot.decide import TOKEN_CODES, Decision, Outcome, backoff
 from alfred_bot.graph import Transport
 from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
 from alfred_bot.store import OutboxJob, Settlement, Store
@@ -31,6 +33,9 @@ log = logging.getLogger("alfred.sender")
 #: Types that are not messages to a user (read receipts / typing): no pair budget, no wamid.
 RECEIPT_TYPES = frozenset({"read"})
 IDLE_POLL = 1.0
+#: Consecutive transient failures of a number that mean "Meta is down": retries stop counting.
+OUTAGE_AFTER = 5
+PRUNE_EVERY = 60.0
 
 
 class Pause(msgspec.Struct, frozen=True):
@@ -40,6 +45,23 @@ class Pause(msgspec.Struct, frozen=True):
     reason: str
     code: int | None
     since: float
+
+
+class _Lane:
+    """One business number's sending machinery."""
+
+    def __init__(self, tenant: str, phone_number_id: str, out: OutboundConfig, monotonic: Callable[[], float]) -> None:
+        self.tenant = tenant
+        self.phone_number_id = phone_number_id
+        self.limiter = SlidingWindowLimiter(out.rate_per_second, clock=monotonic)
+        self.pairs = PairLimiter(burst=out.pair_burst, interval=out.pair_interval_seconds, clock=monotonic)
+        self.workers = out.worker_count(1)
+        self.queue: asyncio.Queue[OutboxJob] = asyncio.Queue(maxsize=self.workers * 2)
+        self.transient_streak = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.queue.maxsize
 
 
 class Sender:
@@ -58,24 +80,21 @@ class Sender:
         self._store = store
         self._transport = transport
         self._out = cfg.outbound
-        self._pnid = {name: t.phone_number_id for name, t in cfg.tenants.items()}
         self._clock = clock
         self._monotonic = monotonic
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not crypto)
-        self._limiters = {name: SlidingWindowLimiter(self._out.rate_per_second, clock=monotonic) for name in self._pnid}
-        self._pairs = {
-            name: PairLimiter(burst=self._out.pair_burst, interval=self._out.pair_interval_seconds, clock=monotonic)
-            for name in self._pnid
-        }
-        self.workers = self._out.worker_count(len(self._pnid))
-        self.queue: asyncio.Queue[OutboxJob] = asyncio.Queue(maxsize=self.workers * 2)
-        self.lease = cfg.graph.timeout_seconds * 2 + self.queue.maxsize / self._out.rate_per_second + 30
+        self._lanes = {name: _Lane(name, t.phone_number_id, self._out, monotonic) for name, t in cfg.tenants.items()}
+        self.workers = sum(lane.workers for lane in self._lanes.values())
+        self.lease = (
+            cfg.graph.timeout_seconds * 2
+            + max(lane.capacity / self._out.rate_per_second for lane in self._lanes.values())
+            + 30
+        )
         self.pauses: dict[str, Pause] = {}
         self.counts: Counter[str] = Counter()
+        self._held: set[str] = set()  # rows claimed by this process and not settled yet
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        self._active: dict[tuple[str, str], deque[OutboxJob]] = {}  # user -> jobs parked behind the one in flight
-        self._orphans: list[OutboxJob] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -83,13 +102,21 @@ class Sender:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._worker(), name=f"alfred-sender-{i}") for i in range(self.workers)]
+        for lane in self._lanes.values():
+            self._tasks += [
+                asyncio.create_task(self._worker(lane), name=f"alfred-sender-{lane.tenant}-{i}")
+                for i in range(lane.workers)
+            ]
         self._tasks.append(asyncio.create_task(self._pump(), name="alfred-pump"))
-        self._tasks.append(asyncio.create_task(self._probe_loop(), name="alfred-probe"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="alfred-probe"))
 
     @property
     def running(self) -> bool:
         return bool(self._tasks) and all(not t.done() for t in self._tasks) and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        return sum(lane.queue.qsize() for lane in self._lanes.values())
 
     def wake(self) -> None:
         """New rows were queued: claim now rather than at the next poll."""
@@ -98,9 +125,9 @@ class Sender:
     async def stop(self, grace: float = 5.0) -> None:
         """Let in-flight sends finish (up to `grace` s); put claimed-but-unsent rows back."""
         self._stopping = True
-        idle = [t for t in self._tasks if t not in self._busy]
-        for task in idle:
-            task.cancel()
+        for task in self._tasks:
+            if task not in self._busy:
+                task.cancel()
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=grace)
             for task in late:
@@ -109,12 +136,10 @@ class Sender:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tasks = []
-        leftovers = [*self._orphans, *(job for parked in self._active.values() for job in parked)]
-        while not self.queue.empty():
-            leftovers.append(self.queue.get_nowait())
-        for job in leftovers:
-            await self._settle(Settlement(id=job.id, state="queued", refund=True))
-        self._orphans.clear()
+        for lane in self._lanes.values():
+            while not lane.queue.empty():
+                job = lane.queue.get_nowait()
+                await self._settle(Settlement(id=job.id, state="queued", attempts=job.attempts, refund=True))
 
     # ------------------------------------------------------------------ pump
 
@@ -127,19 +152,20 @@ class Sender:
                 await asyncio.sleep(IDLE_POLL)
 
     async def _pump_once(self) -> None:
-        free = self.queue.maxsize - self.queue.qsize()
-        if free <= 0:
+        active = {name: lane for name, lane in self._lanes.items() if name not in self.pauses}
+        quotas = {name: lane.capacity - lane.queue.qsize() for name, lane in active.items()}
+        if active and not any(q > 0 for q in quotas.values()):
             self._room.clear()
             await self._room.wait()
             return
-        skip = frozenset(self.pauses)
-        jobs = await self._store.claim(self._clock(), free, self.lease, skip)
-        for job in jobs:
-            self.queue.put_nowait(job)
-        if len(jobs) == free:
-            return  # more may be due: claim again as soon as there is room
         self._wake.clear()
-        due = await self._store.next_due(skip)
+        jobs = await self._store.claim(self._clock(), quotas, self.lease, frozenset(self._held))
+        for job in jobs:
+            self._held.add(job.id)
+            self._lanes[job.tenant].queue.put_nowait(job)
+        if any(sum(1 for j in jobs if j.tenant == name) == quota > 0 for name, quota in quotas.items()):
+            return  # a lane took all it could: more may be due, claim again once there is room
+        due = await self._store.next_due(frozenset(active))
         timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - self._clock()))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
@@ -147,111 +173,109 @@ class Sender:
 
     # ------------------------------------------------------------------ workers
 
-    async def _worker(self) -> None:
+    async def _worker(self, lane: _Lane) -> None:
         current = asyncio.current_task()
         assert current is not None
         while not self._stopping:
-            job = await self.queue.get()
+            job = await lane.queue.get()
             self._room.set()
             self._busy.add(current)
             try:
-                await self._process(job)
+                await self._send(lane, job)
+            except Exception:  # the row stays leased and comes back when the lease ends
+                log.exception("send of outbox row %s failed unexpectedly", job.id)
             finally:
                 self._busy.discard(current)
-                self.queue.task_done()
+                self._held.discard(job.id)
+                lane.queue.task_done()
 
-    async def _process(self, job: OutboxJob) -> None:
-        """Send `job`, or park it behind the send already under way to the same user.
-
-        Parking instead of waiting on a lock keeps one user's messages in order without
-        tying up a worker per waiting message (which would stall every other user).
-        """
-        key = (job.tenant, job.recipient)
-        if key in self._active:
-            self._active[key].append(job)
+    async def _send(self, lane: _Lane, job: OutboxJob) -> None:
+        if lane.tenant in self.pauses:
+            await self._put_back(job, IDLE_POLL)
             return
-        parked: deque[OutboxJob] = deque()
-        self._active[key] = parked
-        try:
-            while True:
-                try:
-                    await self._send(job)
-                except Exception:  # the row stays leased and comes back when the lease ends
-                    log.exception("send of outbox row %s failed unexpectedly", job.id)
-                if not parked:
-                    break
-                job = parked.popleft()
-        finally:
-            self._orphans.extend(self._active.pop(key))  # non-empty only when cancelled mid-chain
-
-    async def _send(self, job: OutboxJob) -> None:
-        if job.tenant in self.pauses or job.tenant not in self._pnid:
-            await self._settle(Settlement(id=job.id, state="queued", refund=True, due_at=self._clock() + IDLE_POLL))
-            return
-        pairs = self._pairs[job.tenant]
         receipt = job.type in RECEIPT_TYPES
-        wait = 0.0 if receipt else pairs.delay(job.recipient)
+        wait = 0.0 if receipt else lane.pairs.delay(job.recipient)
         if wait > 0:
-            await self._settle(Settlement(id=job.id, state="queued", refund=True, due_at=self._clock() + wait))
             self.counts["deferred_pair"] += 1
+            await self._put_back(job, wait)
             return
-        limiter = self._limiters[job.tenant]
-        await self._pace(limiter)
+        slot = lane.limiter.reserve()
+        if slot > 0:
+            self.counts["paced_waits"] += 1
+            await asyncio.sleep(slot)
         if not receipt:
-            pairs.record(job.recipient)
+            lane.pairs.record(job.recipient)
         started = self._monotonic()
 
         def on_wire() -> None:
-            limiter.observe_lag(self._monotonic() - started)
+            lane.limiter.observe_lag(self._monotonic() - started)
 
-        decision = await self._transport.send(self._pnid[job.tenant], job.payload, on_wire)
-        await self._apply(job, decision)
+        decision = await self._transport.send(lane.phone_number_id, job.payload, on_wire)
+        await self._apply(lane, job, decision)
 
-    async def _pace(self, limiter: SlidingWindowLimiter) -> None:
-        while (wait := limiter.delay()) > 0:
-            self.counts["paced_waits"] += 1
-            await asyncio.sleep(wait)
-        limiter.record()
+    async def _put_back(self, job: OutboxJob, wait: float) -> None:
+        """Not sent (paused, or the user's pair budget is spent): back to the queue, attempt refunded."""
+        await self._settle(
+            Settlement(id=job.id, state="queued", attempts=job.attempts, refund=True, due_at=self._clock() + wait)
+        )
 
     # ------------------------------------------------------------------ decisions
 
-    async def _apply(self, job: OutboxJob, d: Decision) -> None:
+    async def _apply(self, lane: _Lane, job: OutboxJob, d: Decision) -> None:
         self.counts[f"result_{d.outcome}"] += 1
         if d.code is not None:
             self.counts[f"error_{d.code}"] += 1
+        if d.outcome is not Outcome.RETRY:
+            lane.transient_streak = 0
         if d.outcome is Outcome.SENT:
-            self._pairs[job.tenant].on_success(job.recipient)
-            await self._settle(Settlement(id=job.id, state="sent", wamid=d.wamid))
+            lane.pairs.on_success(job.recipient)
+            await self._settle(Settlement(id=job.id, state="sent", attempts=job.attempts, wamid=d.wamid))
         elif d.outcome is Outcome.FAILED:
             log.warning("outbox %s failed permanently: code %s %s", job.id, d.code, d.message)
-            await self._settle(_with_error(Settlement(id=job.id, state="failed", needs_template=d.needs_template), d))
+            failed = Settlement(id=job.id, state="failed", attempts=job.attempts, needs_template=d.needs_template)
+            await self._settle(_with_error(failed, d))
         elif d.outcome is Outcome.PAIR_LIMIT:
-            wait = self._pairs[job.tenant].on_pair_limit(job.recipient)
-            await self._retry_at(job, d, wait, refund=True)
+            await self._pair_limited(lane, job, d)
         elif d.outcome in (Outcome.PAUSE_TENANT, Outcome.PAUSE_NUMBER):
-            self._pause(job.tenant, d)
+            self._pause(lane.tenant, d)
             await self._retry_at(job, d, 0.0, refund=True)
         else:
-            await self._retry(job, d)
+            await self._retry(lane, job, d)
 
-    async def _retry(self, job: OutboxJob, d: Decision) -> None:
+    async def _pair_limited(self, lane: _Lane, job: OutboxJob, d: Decision) -> None:
+        if self._too_old(job):
+            await self._give_up(job, d, "too old")
+            return
+        await self._retry_at(job, d, lane.pairs.on_pair_limit(job.recipient), refund=True)
+
+    def _too_old(self, job: OutboxJob) -> bool:
+        return self._clock() - job.created_at > self._out.max_age_seconds
+
+    async def _retry(self, lane: _Lane, job: OutboxJob, d: Decision) -> None:
         if d.slow_down:
-            self._limiters[job.tenant].slow_down(self._out.slow_down_factor, self._out.slow_down_seconds)
+            lane.limiter.slow_down(self._out.slow_down_factor, self._out.slow_down_seconds)
+        lane.transient_streak += 1
+        outage = lane.transient_streak >= OUTAGE_AFTER and not d.limited
         limit = self._out.unknown_max_attempts if d.limited else self._out.max_attempts
-        too_old = self._clock() - job.created_at > self._out.max_age_seconds
-        if job.attempts >= limit or too_old:
-            why = "too old" if too_old else f"after {job.attempts} attempts"
-            log.warning("outbox %s failed %s: code %s %s", job.id, why, d.code, d.message or d.raw)
-            failed = _with_error(Settlement(id=job.id, state="failed"), d)
-            await self._settle(msgspec.structs.replace(failed, error_message=f"gave up {why}: {failed.error_message}"))
+        if self._too_old(job) or (job.attempts >= limit and not outage):
+            await self._give_up(job, d, "too old" if self._too_old(job) else f"after {job.attempts} attempts")
             return
         wait = backoff(
             job.attempts - 1, base=self._out.backoff_base_seconds, cap=self._out.backoff_cap_seconds, rng=self._rng
         )
-        await self._retry_at(job, d, max(wait, d.retry_after or 0.0), refund=False)
+        # During an outage of the number (many transient failures in a row) an attempt is not
+        # counted: otherwise a 10-minute Meta incident would dead-letter every message tried in it.
+        await self._retry_at(job, d, max(wait, d.retry_after or 0.0), refund=outage)
+
+    async def _give_up(self, job: OutboxJob, d: Decision, why: str) -> None:
+        log.warning("outbox %s failed %s: code %s %s", job.id, why, d.code, d.message or d.raw)
+        failed = _with_error(Settlement(id=job.id, state="failed", attempts=job.attempts), d)
+        await self._settle(msgspec.structs.replace(failed, error_message=f"gave up {why}: {failed.error_message}"))
 
     async def _retry_at(self, job: OutboxJob, d: Decision, wait: float, *, refund: bool) -> None:
-        queued = Settlement(id=job.id, state="queued", due_at=self._clock() + wait, refund=refund)
+        queued = Settlement(
+            id=job.id, state="queued", attempts=job.attempts, due_at=self._clock() + wait, refund=refund
+        )
         await self._settle(_with_error(queued, d))
 
     async def _settle(self, result: Settlement) -> None:
@@ -262,12 +286,14 @@ class Sender:
     # ------------------------------------------------------------------ pauses
 
     def _pause(self, tenant: str, d: Decision) -> None:
-        if tenant in self.pauses:
-            return
+        """Token errors pause every tenant (they share the token); other pauses only this one."""
+        token = d.code in TOKEN_CODES or (d.code is None and d.outcome is Outcome.PAUSE_TENANT)
         kind = "token" if d.outcome is Outcome.PAUSE_TENANT else "account"
         reason = f"Graph error {d.code}: {d.message}" if d.code is not None else (d.message or "unauthorised")
-        self.pauses[tenant] = Pause(kind, reason, d.code, self._clock())
-        log.error("PAUSED all sends of tenant %s (%s); queued messages wait", tenant, reason)
+        for name in self._lanes if token else (tenant,):
+            if name not in self.pauses:
+                self.pauses[name] = Pause(kind, reason, d.code, self._clock())
+                log.error("PAUSED all sends of tenant %s (%s); queued messages wait", name, reason)
 
     def resume(self, tenant: str) -> bool:
         """Lift a pause (operator action or a successful probe); False if it was not paused."""
@@ -277,12 +303,18 @@ class Sender:
         self.wake()
         return True
 
-    async def _probe_loop(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Probe token-paused tenants; forget idle recipients' pair state (bounded memory)."""
+        last_prune = self._monotonic()
         while True:
             await asyncio.sleep(self._out.probe_interval_seconds)
             for tenant, pause in list(self.pauses.items()):
-                if pause.kind == "token" and await self._transport.probe(self._pnid[tenant]):
+                if pause.kind == "token" and await self._transport.probe(self._lanes[tenant].phone_number_id):
                     self.resume(tenant)
+            if self._monotonic() - last_prune >= PRUNE_EVERY:
+                for lane in self._lanes.values():
+                    lane.pairs.prune()
+                last_prune = self._monotonic()
 
 
 def _with_error(s: Settlement, d: Decision) -> Settlement:

@@ -178,11 +178,20 @@ def _sections(action: dict[str, Any], path: str) -> None:
         raise InvalidMessage(f"{path}.sections", f"at most 10 rows in all sections (got {rows})")
 
 
+#: Interactive kinds we pass through with only their shape checked (limits not in the reference).
+OTHER_INTERACTIVE = frozenset(
+    {"flow", "product", "product_list", "catalog_message", "location_request_message", "address_message"}
+)
+
+
 def _interactive(obj: dict[str, Any], path: str) -> None:
     kind = obj.get("type")
     limits = {"button": 1024, "list": 4096, "cta_url": 1024}
+    if kind in OTHER_INTERACTIVE:
+        _obj(obj.get("action"), f"{path}.action")
+        return
     if kind not in limits:
-        raise InvalidMessage(f"{path}.type", f"must be one of {', '.join(sorted(limits))}")
+        raise InvalidMessage(f"{path}.type", f"must be one of {', '.join(sorted(limits.keys() | OTHER_INTERACTIVE))}")
     _text(_obj(obj.get("body"), f"{path}.body"), "text", f"{path}.body", high=limits[kind])
     if "footer" in obj:
         _text(_obj(obj["footer"], f"{path}.footer"), "text", f"{path}.footer", high=60)

@@ -31,6 +31,13 @@ def test_success_carries_the_wamid() -> None:
     assert (d.outcome, d.wamid) == (Outcome.SENT, "wamid.X")
 
 
+@pytest.mark.parametrize("body", [b'{"messages": []}', b'{"contacts": []}', b"<html>ok</html>", b""])
+def test_accepted_without_an_id_is_sent_not_retried(body: bytes) -> None:
+    d = decide(200, body)
+    assert (d.outcome, d.wamid) == (Outcome.SENT, None)
+    assert d.raw  # kept, so an operator can see what Meta said
+
+
 def test_mark_read_success() -> None:
     assert decide(200, b'{"success":true}').outcome is Outcome.SENT
 
@@ -96,7 +103,7 @@ def test_code_wins_over_http_status() -> None:
         (401, Outcome.PAUSE_TENANT, False, False),
         (400, Outcome.RETRY, False, True),
         (404, Outcome.RETRY, False, True),
-        (200, Outcome.RETRY, False, True),
+        (200, Outcome.SENT, False, False),  # accepted: resending would likely duplicate
     ],
 )
 @pytest.mark.parametrize("body", [b"", b"<html><body>Bad Gateway</body></html>", b"null", b"[1,2]", b"\xff\xfe", b"{"])

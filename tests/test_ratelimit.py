@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
+from alfred_bot.ratelimit import MAX_LAG, PairLimiter, SlidingWindowLimiter
 
 
 class FakeClock:
@@ -161,5 +161,19 @@ def test_observed_wire_lag_stretches_the_window_for_a_while() -> None:
     assert limiter.window == pytest.approx(1.31)
     clock.advance(0.52)
     assert limiter.window == pytest.approx(1.11)  # the 0.3 s lag has aged out, the 0.1 s has not
-    limiter.observe_lag(5.0)
-    assert limiter.window == pytest.approx(2.01)  # capped at MAX_LAG
+    limiter.observe_lag(60.0)
+    assert limiter.window == pytest.approx(1.01 + MAX_LAG)  # capped
+
+
+@pytest.mark.parametrize("rate", [3, 80, 1000])
+def test_reservations_keep_the_same_promise(rate: int) -> None:
+    """Many workers each book a slot and sleep once: the booked starts obey window and spacing."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(rate, clock=clock)
+    starts = []
+    for _ in range(rate * 5):
+        starts.append(clock.now + limiter.reserve())
+        clock.advance(random.uniform(0, 0.5 / rate))
+    starts.sort()
+    assert worst_window(starts) <= rate
+    assert len(starts) / (starts[-1] - starts[0]) >= 0.97 * rate

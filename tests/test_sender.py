@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.context import new_outbox_id
-from alfred_bot.store import OutboxRow, SqliteStore
+from alfred_bot.store import OutboxRow, Settlement, SqliteStore
 from tests import payloads
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -94,7 +95,7 @@ async def test_a_busy_user_does_not_hold_up_the_others(aiohttp_client: Any, tmp_
     client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"workers": 2})
     graph.latency = 0.15
     template = {"name": "hello_world", "language": {"code": "en_US"}}
-    for i in range(6):
+    for _ in range(6):
         assert (await _api_send(client, {"to": "15550000001", "type": "template", "template": template}))[0] == 202
     assert (await _api_send(client, {"to": "15550000002", "type": "template", "template": template}))[0] == 202
     await wait_for(lambda: len(graph.sends) == 7, timeout=5)
@@ -180,7 +181,7 @@ async def test_throughput_error_slows_the_number_down(prod: Any, graph: FakeGrap
     await wait_for(lambda: _states(prod.app[keys.CONFIG].storage.path, "1") == ["sent", "sent"])
     sender = prod.app[keys.SENDER]
     assert sender.counts["error_130429"] == 1
-    assert sender._limiters["home"].slowed
+    assert sender._lanes["home"].limiter.slowed
 
 
 async def test_unknown_error_gives_up_after_a_few_attempts(prod: Any, graph: FakeGraph) -> None:
@@ -225,17 +226,27 @@ async def test_token_error_pauses_the_tenant_until_a_probe_succeeds(prod: Any, g
     await wait_for(lambda: "home" in sender.pauses)
     health = await (await prod.get("/healthz")).json()
     assert health["sender"]["paused"]["home"]["kind"] == "token"
-    assert "190" in health["sender"]["paused"]["home"]["reason"]
+    assert health["sender"]["paused"]["home"]["code"] == 190
+    assert health["sender"]["paused"]["biz"]["kind"] == "token"  # the token is shared: every tenant waits
     sends_while_paused = len(graph.sends)
     await wait_for(lambda: graph.probes >= 2)
     assert len(graph.sends) == sends_while_paused  # no retry storm
     path = prod.app[keys.CONFIG].storage.path
     assert "failed" not in _states(path, "1")
     tenants = await (await prod.get("/api/tenants", headers=AUTH)).json()
-    assert tenants[0]["paused"]["code"] == 190
+    assert tenants[0]["paused"]["code"] == 190 and "expired" in tenants[0]["paused"]["reason"]
     graph.probe_status = 200
     await wait_for(lambda: "home" not in sender.pauses)
     await wait_for(lambda: _states(path, "1") == ["sent", "sent"])
+
+
+async def test_a_token_echoed_in_an_error_is_never_kept(prod: Any, graph: FakeGraph) -> None:
+    graph.script_for(USER_TO, graph_error(100, message=f"Malformed access token {ACCESS_TOKEN}"))
+    await _open_window(prod)
+    path = prod.app[keys.CONFIG].storage.path
+    await wait_for(lambda: _states(path) == ["failed"])
+    [message] = [r[0] for r in db_rows(path, "SELECT error_message FROM outbox WHERE state = 'failed'")]
+    assert ACCESS_TOKEN not in message and "[redacted]" in message
 
 
 async def test_account_block_pauses_until_the_operator_resumes(prod: Any, graph: FakeGraph) -> None:
@@ -311,11 +322,13 @@ async def test_rows_of_a_crashed_process_come_back_after_the_lease(
     cfg = prod_config(tmp_path, graph)
     store = SqliteStore(Path(cfg.storage.path))
     await store.open()
-    row = OutboxRow(new_outbox_id(), "k1", "home", payloads.USER, "template", b'{"type":"template","to":"+1"}')
-    await store.enqueue([row])
-    claimed = await store.claim(time.time(), 10, 0.3, frozenset())  # a process that then dies
-    assert [j.id for j in claimed] == [row.id]
-    await store.close()
+    try:
+        row = OutboxRow(new_outbox_id(), "k1", "home", payloads.USER, "template", b'{"type":"template","to":"+1"}')
+        await store.enqueue([row])
+        claimed = await store.claim(time.time(), {"home": 10}, 0.3, frozenset())  # a process that then dies
+        assert [j.id for j in claimed] == [row.id]
+    finally:
+        await store.close()
     await aiohttp_client(create_app(cfg, load_secrets(PROD_ENV)))
     await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent"])
     assert len(graph.sends) == 1
@@ -399,3 +412,92 @@ async def test_api_send_errors(prod: Any) -> None:
     resp = await prod.get("/api/messages/does-not-exist", headers=AUTH)
     assert resp.status == 404
     assert json.loads(await resp.text()) == {"error": "no such message"}
+
+
+# ---------------------------------------------------------------- review regressions
+
+TEMPLATE = {"language": {"code": "en_US"}}
+
+
+def _template(name: str, to: str = payloads.USER, tenant: str = "home") -> dict[str, Any]:
+    return {"to": to, "type": "template", "template": {"name": name, **TEMPLATE}, "tenant": tenant}
+
+
+def _names(graph: FakeGraph) -> list[str]:
+    return [r.body["template"]["name"] for r in graph.sends if r.body.get("type") == "template"]
+
+
+async def test_a_retried_message_is_not_overtaken_by_the_next(prod: Any, graph: FakeGraph) -> None:
+    graph.script_for(USER_TO, Answer(status=503, body=b""))
+    for name in ("m0", "m1", "m2"):
+        assert (await _api_send(prod, _template(name)))[0] == 202
+    await wait_for(lambda: len(_names(graph)) == 4)
+    assert _names(graph) == ["m0", "m0", "m1", "m2"]
+
+
+async def test_one_numbers_backlog_does_not_delay_another_number(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"rate_per_second": 20})
+    for i in range(60):
+        assert (await _api_send(client, _template(f"home{i}", to=f"1555100{i:04d}")))[0] == 202
+    started = time.monotonic()
+    assert (await _api_send(client, _template("biz", tenant="biz")))[0] == 202
+    await wait_for(lambda: "biz" in _names(graph))
+    assert time.monotonic() - started < 1.0  # home needs 3 s for its backlog
+    assert len(_names(graph)) < 40
+
+
+async def test_conversation_goes_before_a_campaign(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"rate_per_second": 20})
+    for i in range(60):
+        assert (await _api_send(client, _template(f"c{i}", to=f"1555200{i:04d}")))[0] == 202
+    await _open_window(client, "15553000000")
+    await wait_for(lambda: any(r.body.get("to") == "+15553000000" for r in graph.sends if "text" in r.body))
+    assert len(_names(graph)) < 40  # the reply did not wait for the 3 s campaign
+
+
+async def test_a_held_row_whose_lease_ran_out_is_not_claimed_twice(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "alfred.db")
+    await store.open()
+    try:
+        row = OutboxRow(new_outbox_id(), "k", "home", payloads.USER, "template", b"{}")
+        await store.enqueue([row])
+        [job] = await store.claim(time.time(), {"home": 5}, 0.0, frozenset())  # lease already over
+        assert await store.claim(time.time(), {"home": 5}, 0.0, frozenset({job.id})) == []
+        [again] = await store.claim(time.time(), {"home": 5}, 60.0, frozenset())  # another claim of it
+        stale = Settlement(id=job.id, state="sent", attempts=job.attempts, wamid="wamid.OLD")
+        await store.settle(stale, time.time())  # the first claim's late answer changes nothing
+        assert (await store.message(row.id) or {})["state"] == "sending"
+        await store.settle(Settlement(id=job.id, state="sent", attempts=again.attempts, wamid="wamid.NEW"), time.time())
+        assert (await store.message(row.id) or {})["wamid"] == "wamid.NEW"
+    finally:
+        await store.close()
+
+
+async def test_an_outage_does_not_use_up_the_attempts(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client, cfg = await _app(aiohttp_client, tmp_path, graph, outbound={"max_attempts": 6})
+    graph.script_for(USER_TO, *[Answer(status=503, body=b"")] * 8)  # 6 would be the limit outside an outage
+    assert (await _api_send(client, _template("through the outage")))[0] == 202
+    await wait_for(lambda: _states(cfg.storage.path, "1") == ["sent"])
+    assert _names(graph).count("through the outage") == 9
+
+
+async def test_non_string_tenant_is_422(prod: Any) -> None:
+    for tenant in ([], {}, 5):
+        status, body = await _api_send(prod, {**_template("x"), "tenant": tenant})
+        assert (status, body["field"]) == (422, "tenant")
+
+
+async def test_a_retry_with_the_same_key_after_the_window_closed_gets_its_message(prod: Any) -> None:
+    await _open_window(prod)
+    body = {"to": payloads.USER, "type": "text", "text": {"body": "once"}, "idempotency_key": "k-1"}
+    status, first = await _api_send(prod, body)
+    assert status == 202
+    db = prod.app[keys.CONFIG].storage.path
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE inbox SET timestamp = 0")  # the window has closed since
+    conn.commit()
+    conn.close()
+    status, again = await _api_send(prod, body)
+    assert (status, again["id"]) == (202, first["id"])

@@ -506,7 +506,7 @@ STRUCTURAL = [
     at("button-title-missing", "interactive", buttons, "interactive.action.buttons[0].reply.title"),
     at("button-body-missing", "interactive", buttons, "interactive.body"),
     at("button-action-missing", "interactive", buttons, "interactive.action"),
-    at("interactive-unknown-type", "interactive", buttons, "interactive.type", "product"),
+    at("interactive-unknown-type", "interactive", buttons, "interactive.type", "poll"),
     at("interactive-missing-type", "interactive", buttons, "interactive.type"),
     # interactive list
     raw("list-11-rows-two-sections", send("interactive", with_sections(6, 5)), SECTIONS),
@@ -597,3 +597,12 @@ def test_invalid_message_is_a_value_error_with_field_first() -> None:
     assert isinstance(error, ValueError)
     assert error.field == "interactive.action.buttons[1].reply.title"
     assert str(error) == "interactive.action.buttons[1].reply.title: button titles must be unique"
+
+
+@pytest.mark.parametrize("kind", ["flow", "product", "product_list", "location_request_message"])
+def test_other_interactive_kinds_pass_with_an_action(kind: str) -> None:
+    content = {"type": kind, "body": {"text": "x"}, "action": {"name": kind}}
+    validate_content("interactive", content)
+    with pytest.raises(InvalidMessage) as info:
+        validate_content("interactive", {"type": kind, "body": {"text": "x"}})
+    assert info.value.field == "interactive.action"

@@ -33,6 +33,7 @@ class OutboxRow(msgspec.Struct, frozen=True):
     type: str
     payload: bytes
     source_event_id: str | None = None
+    priority: int = 0  # 0: conversation (replies, receipts); 1: business-initiated (API)
 
 
 class OutboxJob(msgspec.Struct, frozen=True):
@@ -56,6 +57,7 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str
     state: Literal["sent", "queued", "failed"]
+    attempts: int  # the claim's attempt count: a settle for an older claim of the row is ignored
     due_at: float | None = None
     wamid: str | None = None
     refund: bool = False
@@ -113,17 +115,23 @@ class Store(Protocol):
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         """Queue sends; a row whose idem_key exists already yields the existing id (no second send)."""
 
-    async def claim(self, now: float, limit: int, lease: float, skip_tenants: frozenset[str]) -> list[OutboxJob]:
-        """Lease up to `limit` due sends (queued, or sending with an expired lease), oldest first."""
+    async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
+        """Lease up to `quotas[tenant]` due sends per tenant, each the oldest pending one of its user.
+
+        Rows in `held` (already in this process's hands) are never claimed again.
+        """
 
     async def settle(self, result: Settlement, now: float) -> None:
         """Record how a claimed send ended."""
 
-    async def next_due(self, skip_tenants: frozenset[str]) -> float | None:
-        """When the next send becomes due (None: nothing waits)."""
+    async def next_due(self, tenants: frozenset[str]) -> float | None:
+        """When the next send of these tenants becomes due (None: nothing waits)."""
 
     async def message(self, outbox_id: str) -> dict[str, Any] | None:
         """One outbox row as the API shows it, or None."""
+
+    async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
+        """The outbox row queued with this idempotency key, or None."""
 
     async def last_inbound(self, tenant: str, user: str) -> int | None:
         """Unix time of the user's last message to this tenant (for the 24-hour window)."""

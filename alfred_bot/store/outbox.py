@@ -2,8 +2,8 @@
 
 The lease lives in `due_at`: a claim sets `state = 'sending'` and `due_at = now + lease`, so a
 row whose process died mid-send becomes claimable again by itself once the lease runs out.
-Every settle is conditional on `state = 'sending'`, so a late answer for a row that has been
-re-claimed or settled already changes nothing.
+Every settle is conditional on `state = 'sending'` and the claim's attempt count, so a late
+answer for a row that has been re-claimed or settled already changes nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ RANK = {"queued": 0, "sending": 0, "sent": 1, "delivered": 2, "read": 3, "played
 _STAMP = {"delivered": "delivered_at", "read": "read_at", "played": "read_at"}
 
 _INSERT = """
-INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
+INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id, priority)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
 """
+_PENDING = "state IN ('queued', 'sending')"
+#: A settle applies only to the claim it answers: same row, still leased, same attempt.
+_LEASED = "state = 'sending' AND attempts = ?"
 _ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_id = ?, error_http_status = ?"
 
 
 def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[OutboxRow], now: float) -> None:
-    values = [(r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id) for r in rows]
+    values = [
+        (r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id, r.priority)
+        for r in rows
+    ]
     conn.executemany(_INSERT, values)
 
 
@@ -40,28 +46,38 @@ def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list
     return ids
 
 
-def claim(conn: sqlite3.Connection, now: float, limit: int, lease: float, skip: frozenset[str]) -> list[OutboxJob]:
-    """Lease due rows of tenants not in `skip`, in queue order (so one user's replies keep theirs)."""
-    marks = ",".join("?" * len(skip))
-    skip_sql = f"AND tenant NOT IN ({marks})" if skip else ""
-    rows = conn.execute(
-        "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
-        f"SELECT id FROM outbox WHERE state IN ('queued', 'sending') AND due_at <= ? {skip_sql} "
-        "ORDER BY due_at, rowid LIMIT ?) "
-        "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at",
-        (now + lease, now, *sorted(skip), limit),
-    ).fetchall()
-    rows.sort(key=lambda r: r[0])
-    return [OutboxJob(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+def claim(
+    conn: sqlite3.Connection, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]
+) -> list[OutboxJob]:
+    """Lease due rows per tenant: conversation before campaigns, oldest first, and only a user's
+    oldest pending row (so a retried or deferred message is never overtaken by a later one)."""
+    marks = ",".join("?" * len(held))
+    held_sql = f"AND o.id NOT IN ({marks})" if held else ""
+    jobs: list[OutboxJob] = []
+    for tenant, quota in quotas.items():
+        if quota <= 0:
+            continue
+        rows = conn.execute(
+            "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
+            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{_PENDING} AND o.due_at <= ? {held_sql} "
+            f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
+            f"AND e.{_PENDING} AND e.rowid < o.rowid) "
+            "ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) "
+            "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at",
+            (now + lease, tenant, now, *sorted(held), quota),
+        ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        jobs.extend(OutboxJob(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows)
+    return jobs
 
 
-def next_due(conn: sqlite3.Connection, skip: frozenset[str]) -> float | None:
-    marks = ",".join("?" * len(skip))
-    skip_sql = f"AND tenant NOT IN ({marks})" if skip else ""
-    row = conn.execute(
-        f"SELECT MIN(due_at) FROM outbox WHERE state IN ('queued', 'sending') {skip_sql}", tuple(sorted(skip))
-    ).fetchone()
-    return None if row[0] is None else float(row[0])
+def next_due(conn: sqlite3.Connection, tenants: frozenset[str]) -> float | None:
+    dues = [
+        conn.execute(f"SELECT MIN(due_at) FROM outbox WHERE tenant = ? AND {_PENDING}", (tenant,)).fetchone()[0]
+        for tenant in sorted(tenants)
+    ]
+    known = [float(d) for d in dues if d is not None]
+    return min(known) if known else None
 
 
 def _error_values(r: Settlement) -> tuple[Any, ...]:
@@ -72,21 +88,21 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
     """Record one send's end; ignored unless the row is still leased (`sending`)."""
     if r.state == "sent":
         cur = conn.execute(
-            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND state = 'sending'",
-            (r.wamid, now, None, None, None, None, None, r.id),
+            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
+            (r.wamid, now, None, None, None, None, None, r.id, r.attempts),
         )
         if cur.rowcount and r.wamid:
             _replay_statuses(conn, r.wamid)
     elif r.state == "queued":
         conn.execute(
             f"UPDATE outbox SET state = 'queued', due_at = ?, attempts = attempts - ?, {_ERRORS} "
-            "WHERE id = ? AND state = 'sending'",
-            (r.due_at if r.due_at is not None else now, int(r.refund), *_error_values(r), r.id),
+            f"WHERE id = ? AND {_LEASED}",
+            (r.due_at if r.due_at is not None else now, int(r.refund), *_error_values(r), r.id, r.attempts),
         )
     else:
         conn.execute(
-            f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND state = 'sending'",
-            (int(r.needs_template), *_error_values(r), r.id),
+            f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
+            (int(r.needs_template), *_error_values(r), r.id, r.attempts),
         )
 
 

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     type TEXT NOT NULL,
     payload BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'queued',
+    priority INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     due_at REAL NOT NULL,
     created_at REAL NOT NULL,
@@ -98,7 +99,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     delivered_at REAL,
     read_at REAL
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due_at) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(tenant, due_at) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_claim ON outbox(tenant, priority, due_at) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_user ON outbox(tenant, recipient) WHERE state IN ('queued', 'sending');
 CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
 CREATE INDEX IF NOT EXISTS outbox_wamid ON outbox(wamid) WHERE wamid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
@@ -318,17 +321,15 @@ class SqliteStore:
         result: list[str] = await self._writer.submit(lambda conn: outbox.enqueue(conn, rows, now))
         return result
 
-    async def claim(self, now: float, limit: int, lease: float, skip_tenants: frozenset[str]) -> list[OutboxJob]:
-        result: list[OutboxJob] = await self._writer.submit(
-            lambda conn: outbox.claim(conn, now, limit, lease, skip_tenants)
-        )
+    async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
+        result: list[OutboxJob] = await self._writer.submit(lambda conn: outbox.claim(conn, now, quotas, lease, held))
         return result
 
     async def settle(self, result: Settlement, now: float) -> None:
         await self._writer.submit(lambda conn: outbox.settle(conn, result, now))
 
-    async def next_due(self, skip_tenants: frozenset[str]) -> float | None:
-        result: float | None = await self._writer.read(lambda conn: outbox.next_due(conn, skip_tenants))
+    async def next_due(self, tenants: frozenset[str]) -> float | None:
+        result: float | None = await self._writer.read(lambda conn: outbox.next_due(conn, tenants))
         return result
 
     async def message(self, outbox_id: str) -> dict[str, Any] | None:
@@ -340,10 +341,15 @@ class SqliteStore:
         )
         return dict(rows[0]) if rows else None
 
+    async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
+        rows = await self._fetch("SELECT id FROM outbox WHERE idem_key = ?", (idem_key,))
+        return await self.message(rows[0][0]) if rows else None
+
     async def last_inbound(self, tenant: str, user: str) -> int | None:
         rows = await self._fetch(
-            "SELECT MAX(COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND sender = ?2), 0), "
-            "COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND user_id = ?2), 0))",
+            "SELECT MAX(COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND sender = ?2 "
+            "AND type != 'system'), 0), COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 "
+            "AND user_id = ?2 AND type != 'system'), 0))",
             (tenant, user),
         )
         value = int(rows[0][0])
