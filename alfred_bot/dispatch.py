@@ -10,7 +10,6 @@ messages accepted before a crash get handled). A message is never in the queue t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +19,7 @@ from alfred_bot.context import Context
 from alfred_bot.parse import InboundItem
 from alfred_bot.router import Router
 from alfred_bot.store import Completion, Store, StoreError
+from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.dispatch")
 
@@ -196,14 +196,5 @@ class Dispatcher:
     async def stop(self, grace: float = 5.0) -> None:
         """Let busy workers finish their message (up to `grace` s); the rest stays pending."""
         self._stopping = True
-        for task in self._tasks:
-            if task not in self._busy:
-                task.cancel()
-        if self._tasks:
-            _, still = await asyncio.wait(self._tasks, timeout=grace)
-            for task in still:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_workers(self._tasks, self._busy, grace)
         self._tasks = []

@@ -27,6 +27,7 @@ from alfred_bot.decide import TOKEN_CODES, Decision, Outcome, backoff
 from alfred_bot.graph import Transport
 from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
 from alfred_bot.store import OutboxJob, Settlement, Store
+from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.sender")
 
@@ -125,16 +126,7 @@ class Sender:
     async def stop(self, grace: float = 5.0) -> None:
         """Let in-flight sends finish (up to `grace` s); put claimed-but-unsent rows back."""
         self._stopping = True
-        for task in self._tasks:
-            if task not in self._busy:
-                task.cancel()
-        if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=grace)
-            for task in late:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_workers(self._tasks, self._busy, grace)
         self._tasks = []
         for lane in self._lanes.values():
             while not lane.queue.empty():
