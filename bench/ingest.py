@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -30,6 +29,9 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import free_port, pinned  # noqa: E402
 
 from alfred_bot.cli import text_webhook  # noqa: E402
 from alfred_bot.security import sign  # noqa: E402
@@ -50,16 +52,6 @@ app.router.add_post("/webhook", hook)
 app.router.add_get("/healthz", health)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(cmd: list[str], cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
 
 
 def wait_healthy(port: int, timeout: float = 20.0) -> None:

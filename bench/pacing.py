@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,21 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import free_port, pinned  # noqa: E402
 
 from alfred_bot.context import new_outbox_id  # noqa: E402
 from alfred_bot.store import OutboxRow, SqliteStore  # noqa: E402
 
 PNID = "123456789012345"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(cmd: list[str], cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
 
 
 def get_json(url: str) -> dict[str, object]:
