@@ -88,7 +88,7 @@ def announce(cfg: Config, secrets: Secrets) -> None:
     if secrets.mode == "sandbox":
         log.warning(
             "SANDBOX mode: WHATSAPP_ACCESS_TOKEN is not set, "
-            "so replies stay in the local outbox (nothing is sent to Meta)"
+            "so sends go to a local sink with sandbox wamids (nothing is sent to Meta)"
         )
     if "WHATSAPP_APP_SECRET" in missing:
         log.warning(
