@@ -75,7 +75,8 @@ async def test_complete_is_once_and_atomic(store: SqliteStore) -> None:
     assert await store.complete(Completion("wamid.C", "handled", (reply,))) is True
     twin = msgspec.structs.replace(reply, id="o2")  # a second run of the same handler
     assert await store.complete(Completion("wamid.C", "handled", (twin,))) is False
-    assert [r["id"] for r in await store.outbox_for("wamid.C")] == ["o1"]
+    ids = await store.writer.read(lambda c: [r[0] for r in c.execute("SELECT id FROM outbox")])
+    assert ids == ["o1"]
     assert await store.pending(0, 10) == []
 
 

@@ -106,9 +106,6 @@ class Store(Protocol):
     async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
         """The newest received messages, newest first, as JSON-ready objects."""
 
-    async def outbox_for(self, event_id: str) -> list[dict[str, Any]]:
-        """The replies queued for one inbound message."""
-
     def stats(self) -> dict[str, int]:
         """Counters for /healthz (e.g. writes and the commits they shared)."""
 

@@ -308,14 +308,6 @@ class SqliteStore:
         )
         return [dict(row) for row in rows]
 
-    async def outbox_for(self, event_id: str) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            "SELECT id, tenant, recipient, type, payload, state, created_at FROM outbox "
-            "WHERE source_event_id = ? ORDER BY created_at, idem_key",
-            (event_id,),
-        )
-        return [dict(row) for row in rows]
-
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now = self._clock()
         result: list[str] = await self._writer.submit(lambda conn: outbox.enqueue(conn, rows, now))
