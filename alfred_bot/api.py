@@ -13,7 +13,9 @@ from aiohttp import web
 from alfred_bot import __version__, keys
 from alfred_bot.config import Config
 from alfred_bot.context import new_outbox_id
+from alfred_bot.media import MediaError, check_upload
 from alfred_bot.security import bearer, token_ok
+from alfred_bot.status import collect
 from alfred_bot.store import OutboxRow, StoreError
 from alfred_bot.validate import InvalidMessage, validate_send
 
@@ -77,6 +79,12 @@ async def healthz(request: web.Request) -> web.Response:
         "webhook": stats,
     }
     return json_response(body, 200 if ok else 503)
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """The status page's numbers (also what `python main.py status` prints)."""
+    data = await collect(request.app)
+    return json_response(data, 200 if data["status"] == "ok" else 503)
 
 
 def _limit(request: web.Request, default: int = 50) -> int | web.Response:
@@ -150,6 +158,10 @@ async def _queue(app: web.Application, row: OutboxRow, needs_window: bool) -> we
     existing = await store.message_by_key(row.idem_key)
     if existing is not None:
         return json_response({"id": existing["id"], "status": existing["state"]}, 202)
+    if await store.opted_out(row.tenant, row.recipient):
+        return json_response(
+            {"error": "to: the recipient opted out (they must write to us again first)", "field": "to"}, 409
+        )
     if needs_window:
         last = await store.last_inbound(row.tenant, row.recipient)
         if last is None or time.time() - last > WINDOW_SECONDS:
@@ -200,3 +212,64 @@ async def resume_tenant(request: web.Request) -> web.Response:
     if name not in request.app[keys.CONFIG].tenants:
         return error(404, "no such tenant")
     return json_response({"tenant": name, "resumed": request.app[keys.SENDER].resume(name)})
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    """Sends that failed for good, newest first (`?tenant=` to filter)."""
+    limit = _limit(request)
+    if isinstance(limit, web.Response):
+        return limit
+    tenant = request.query.get("tenant")
+    return json_response(await request.app[keys.STORE].dead_letters(limit, tenant))
+
+
+async def retry_dead_letters(request: web.Request) -> web.Response:
+    """Operator action: queue failed sends again. Body `{"ids": [...]}` or `{"all": true}`."""
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError:
+        return error(400, "body is not valid JSON")
+    ids: list[str] | None
+    if isinstance(body, dict) and body.get("all") is True:
+        ids = None
+    elif isinstance(body, dict) and isinstance(body.get("ids"), list) and all(isinstance(i, str) for i in body["ids"]):
+        ids = body["ids"][:MAX_LIMIT]
+    else:
+        return _invalid("ids", 'give {"ids": ["<outbox id>", ...]} or {"all": true}')
+    try:
+        retried = await request.app[keys.STORE].retry_dead(ids, time.time())
+    except StoreError:
+        return error(503, "temporarily unable to queue the retry")
+    request.app[keys.SENDER].wake()
+    return json_response({"retried": retried})
+
+
+async def upload_media(request: web.Request) -> web.Response:
+    """Upload a file for sending: multipart `file` (+ `tenant`, `kind`); answers `{"id": <media id>}`."""
+    app = request.app
+    fields = await _media_form(request)
+    if isinstance(fields, web.Response):
+        return fields
+    tenant, kind, data, mime_type, filename = fields
+    try:
+        check_upload(kind, mime_type, len(data))
+        phone_number_id = app[keys.CONFIG].tenants[tenant].phone_number_id
+        media_id = await app[keys.TRANSPORT].upload(phone_number_id, data, mime_type, filename)
+    except MediaError as exc:
+        return _invalid("file", str(exc))
+    return json_response({"id": media_id, "tenant": tenant, "kind": kind}, 201)
+
+
+async def _media_form(request: web.Request) -> tuple[str, str, bytes, str, str] | web.Response:
+    if not request.content_type.startswith("multipart/"):
+        return error(400, "send multipart/form-data with a `file` field")
+    form = await request.post()
+    upload = form.get("file")
+    if not isinstance(upload, web.FileField):
+        return _invalid("file", "a file field is required")
+    cfg = request.app[keys.CONFIG]
+    tenant = str(form.get("tenant") or next(iter(cfg.tenants)))
+    if tenant not in cfg.tenants:
+        return _invalid("tenant", f"unknown tenant {tenant!r} (have: {', '.join(cfg.tenants)})")
+    kind = str(form.get("kind") or upload.content_type.split("/", 1)[0])
+    return tenant, kind, upload.file.read(), upload.content_type, upload.filename or "file"

@@ -13,7 +13,7 @@ import re
 import secrets as secrets_module
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ SANDBOX_SECRET_FILE = "sandbox-app-secret"  # noqa: S105 (a file name)
 
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
 
 class ConfigError(Exception):
@@ -111,11 +112,46 @@ class LoggingConfig(_Section, frozen=True):
     format: Literal["json", "text"] = "json"
 
 
+class OrchestratorConfig(_Section, frozen=True):
+    """The agent platform text messages are forwarded to (off while `url` is empty)."""
+
+    url: str = ""
+    timeout_seconds: float = 8.0
+    retries: int = 1
+    api_key_env: str = "ORCHESTRATOR_API_KEY"
+    fallback_text: str = "Lo siento, no pude procesar tu mensaje."
+
+
+class LimitsConfig(_Section, frozen=True):
+    """Abuse and consent: a per-user inbound limit and the opt-out words and button payloads."""
+
+    inbound_per_user: int = 20  # messages per window; 0 turns the limit off
+    inbound_window_seconds: float = 60.0
+    limit_notice: str = "You are sending messages very quickly. I will answer again in a minute."
+    opt_out_keywords: list[str] = msgspec.field(default_factory=lambda: ["STOP"])
+    opt_out_payloads: list[str] = msgspec.field(default_factory=list)
+    opt_out_reply: str = "You will not get messages from us any more. Write to us again any time to resume."
+
+
+class MediaConfig(_Section, frozen=True):
+    """Where downloaded media lands and how long it stays (empty path: `media/` beside the database)."""
+
+    path: str = ""
+    retention_days: float = 30.0
+    max_download_bytes: int = 100 * 1024 * 1024
+
+
 class TenantConfig(_Section, frozen=True):
-    """One WhatsApp business phone number served by this process."""
+    """One WhatsApp business phone number served by this process.
+
+    `access_token_env` / `app_secret_env` name environment variables holding this number's own
+    credentials (numbers of different Meta apps or businesses); unset, the global ones apply.
+    """
 
     phone_number_id: str
     handler: str | None = None
+    access_token_env: str | None = None
+    app_secret_env: str | None = None
 
 
 class Config(_Section, frozen=True):
@@ -129,11 +165,18 @@ class Config(_Section, frozen=True):
     dispatch: DispatchConfig = msgspec.field(default_factory=DispatchConfig)
     handlers: HandlersConfig = msgspec.field(default_factory=HandlersConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=dict)
 
     def handler_for(self, tenant: str) -> str:
         """The handlers/ module that answers `tenant`."""
         return self.tenants[tenant].handler or self.handlers.default
+
+    def media_dir(self) -> Path:
+        """The folder downloaded media goes to."""
+        return Path(self.media.path) if self.media.path else Path(self.storage.path).parent / "media"
 
     def tenant_by_phone_number_id(self) -> dict[str, str]:
         """Map Meta's phone_number_id to our tenant name, for routing inbound updates."""
@@ -142,25 +185,45 @@ class Config(_Section, frozen=True):
 
 @dataclass(frozen=True, slots=True)
 class Secrets:
-    """Credentials, read from the environment only. `repr` never shows their values."""
+    """Credentials, read from the environment only. `repr` never shows their values.
+
+    `app_secrets` and `access_token` are the global ones; `tenant_app_secrets` and
+    `tenant_tokens` hold a tenant's own (from `access_token_env` / `app_secret_env`), which are
+    used for that tenant's number only and verify only its webhooks.
+    """
 
     app_secrets: tuple[str, ...]
     verify_token: str | None
     access_token: str | None
     api_token: str | None
     app_secret_from_env: bool
+    tenant_tokens: Mapping[str, str] = field(default_factory=dict)
+    tenant_app_secrets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    orchestrator_key: str | None = None
 
     @property
     def mode(self) -> Literal["production", "sandbox"]:
         """Production sends to Meta; sandbox keeps replies local (no access token)."""
-        return "production" if self.access_token else "sandbox"
+        return "production" if self.access_token or self.tenant_tokens else "sandbox"
+
+    def token_for(self, tenant: str) -> str | None:
+        """The access token that sends for `tenant`: its own, else the global one."""
+        return self.tenant_tokens.get(tenant) or self.access_token
+
+    def values(self) -> list[str]:
+        """Every secret value (for redaction and for tests that scan output for leaks)."""
+        found = [*self.app_secrets, *self.tenant_tokens.values()]
+        for pair in self.tenant_app_secrets.values():
+            found += pair
+        found += [v for v in (self.verify_token, self.access_token, self.api_token, self.orchestrator_key) if v]
+        return found
 
     def missing(self) -> list[str]:
         """Names of the environment variables that are not set, for the start-up log."""
         pairs = [
             ("WHATSAPP_APP_SECRET", self.app_secret_from_env),
             ("WHATSAPP_VERIFY_TOKEN", self.verify_token is not None),
-            ("WHATSAPP_ACCESS_TOKEN", self.access_token is not None),
+            ("WHATSAPP_ACCESS_TOKEN", self.access_token is not None or bool(self.tenant_tokens)),
             ("ALFRED_API_TOKEN", self.api_token is not None),
         ]
         return [name for name, present in pairs if not present]
@@ -191,28 +254,58 @@ def sandbox_secret(storage_path: str | Path) -> str:
     return path.read_text(encoding="ascii").strip()
 
 
-def load_secrets(environ: Mapping[str, str] | None = None, *, sandbox: str = SANDBOX_APP_SECRET) -> Secrets:
-    """Read credentials from the environment.
+def load_secrets(
+    environ: Mapping[str, str] | None = None, *, sandbox: str = SANDBOX_APP_SECRET, cfg: Config | None = None
+) -> Secrets:
+    """Read credentials from the environment (with `cfg`, also each tenant's own variables).
 
-    `WHATSAPP_APP_SECRET_PREVIOUS` lets two app secrets verify webhooks while one is rotated.
-    Production (an access token is set) refuses to start without an app secret and a verify
-    token: Meta's webhooks could not be verified and would all be refused.
+    `<NAME>_PREVIOUS` (e.g. `WHATSAPP_APP_SECRET_PREVIOUS`) lets two app secrets verify webhooks
+    while one is rotated. Production (any access token is set) refuses to start unless every
+    tenant has a token and an app secret and the verify token is set: otherwise some webhooks
+    could not be verified, or some replies could not be sent.
     """
     env = os.environ if environ is None else environ
     secret = _env(env, "WHATSAPP_APP_SECRET")
-    previous = _env(env, "WHATSAPP_APP_SECRET_PREVIOUS")
+    tokens: dict[str, str] = {}
+    app_secrets: dict[str, tuple[str, ...]] = {}
+    for name, tenant in (cfg.tenants if cfg else {}).items():
+        if tenant.access_token_env and (token := _env(env, tenant.access_token_env)):
+            tokens[name] = token
+        if tenant.app_secret_env and (own := _pair(env, tenant.app_secret_env)):
+            app_secrets[name] = own
     secrets = Secrets(
-        app_secrets=tuple(s for s in (secret or sandbox, previous) if s),
+        app_secrets=tuple(s for s in (secret or sandbox, _env(env, "WHATSAPP_APP_SECRET_PREVIOUS")) if s),
         verify_token=_env(env, "WHATSAPP_VERIFY_TOKEN"),
         access_token=_env(env, "WHATSAPP_ACCESS_TOKEN"),
         api_token=_env(env, "ALFRED_API_TOKEN"),
         app_secret_from_env=secret is not None,
+        tenant_tokens=tokens,
+        tenant_app_secrets=app_secrets,
+        orchestrator_key=_env(env, cfg.orchestrator.api_key_env) if cfg else None,
     )
     if secrets.mode == "production":
-        for name in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
-            if name in secrets.missing():
-                raise ConfigError(f"{name} must be set when WHATSAPP_ACCESS_TOKEN is (production mode)")
+        _check_production(secrets, cfg)
     return secrets
+
+
+def _pair(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """The secret in `name` and, while rotating, the one in `name_PREVIOUS`."""
+    return tuple(s for s in (_env(env, name), _env(env, f"{name}_PREVIOUS")) if s)
+
+
+def _check_production(secrets: Secrets, cfg: Config | None) -> None:
+    tenants = cfg.tenants if cfg else {}
+    global_secret_needed = cfg is None or any(not t.app_secret_env for t in tenants.values())
+    if global_secret_needed and not secrets.app_secret_from_env:
+        raise ConfigError("WHATSAPP_APP_SECRET must be set when an access token is (production mode)")
+    if secrets.verify_token is None:
+        raise ConfigError("WHATSAPP_VERIFY_TOKEN must be set when an access token is (production mode)")
+    for name, tenant in tenants.items():
+        if secrets.token_for(name) is None:
+            where = tenant.access_token_env or "WHATSAPP_ACCESS_TOKEN"
+            raise ConfigError(f"tenants.{name}: no access token: set {where} (production mode)")
+        if tenant.app_secret_env and name not in secrets.tenant_app_secrets:
+            raise ConfigError(f"tenants.{name}: no app secret: set {tenant.app_secret_env} (production mode)")
 
 
 def _key_path(message: str, prefix: str) -> str:
@@ -272,6 +365,11 @@ def _check(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_tenants(cfg)
+    _check_sections(cfg)
+
+
+def _check_tenants(cfg: Config) -> None:
     seen: dict[str, str] = {}
     for name, tenant in cfg.tenants.items():
         if not _NAME.match(name):
@@ -281,6 +379,36 @@ def _check(cfg: Config) -> None:
         if tenant.phone_number_id in seen:
             raise ConfigError(f"tenants.{name}.phone_number_id: already used by tenants.{seen[tenant.phone_number_id]}")
         seen[tenant.phone_number_id] = name
+        for key in ("access_token_env", "app_secret_env"):
+            value = getattr(tenant, key)
+            if value is not None and not _ENV_NAME.fullmatch(value):
+                raise ConfigError(f"tenants.{name}.{key}: must be an environment variable name like BIZ_TOKEN")
+
+
+def _check_sections(cfg: Config) -> None:
+    """Checks of the orchestrator, limits and media sections."""
+    orch, limits = cfg.orchestrator, cfg.limits
+    checks: list[tuple[bool, str]] = [
+        (
+            not orch.url or orch.url.startswith(("http://", "https://")),
+            "orchestrator.url: must start with http:// or https://",
+        ),
+        (orch.timeout_seconds > 0, "orchestrator.timeout_seconds: must be > 0"),
+        (0 <= orch.retries <= 5, "orchestrator.retries: must be between 0 and 5"),
+        (
+            not orch.url or (orch.retries + 1) * orch.timeout_seconds < cfg.dispatch.handler_timeout_seconds,
+            "orchestrator.timeout_seconds: (retries + 1) x timeout must stay below dispatch.handler_timeout_seconds",
+        ),
+        (_ENV_NAME.fullmatch(orch.api_key_env) is not None, "orchestrator.api_key_env: must be a variable name"),
+        (limits.inbound_per_user >= 0, "limits.inbound_per_user: must be >= 0 (0 = no limit)"),
+        (limits.inbound_window_seconds > 0, "limits.inbound_window_seconds: must be > 0"),
+        (all(k.strip() for k in limits.opt_out_keywords), "limits.opt_out_keywords: must not contain empty words"),
+        (cfg.media.retention_days > 0, "media.retention_days: must be > 0"),
+        (cfg.media.max_download_bytes >= 1024, "media.max_download_bytes: must be at least 1024"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -307,7 +435,7 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     cfg = parse_config(data)
-    storage = Path(cfg.storage.path)
-    if not storage.is_absolute():
-        storage = path.resolve().parent / storage
-    return msgspec.structs.replace(cfg, storage=StorageConfig(path=str(storage)))
+    base = path.resolve().parent
+    storage = StorageConfig(path=str(base / cfg.storage.path))  # an absolute path stays as it is
+    media = msgspec.structs.replace(cfg.media, path=str(base / cfg.media.path) if cfg.media.path else "")
+    return msgspec.structs.replace(cfg, storage=storage, media=media)

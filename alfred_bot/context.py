@@ -1,25 +1,47 @@
-"""The handler's view of one inbound message, and how it replies.
+"""The handler's view of one inbound message (or status update), and how it answers.
 
-Replies are validated when the handler asks for them (a bad reply raises before anything is
-queued) and buffered here; the dispatcher commits them with the message's completion.
+Every `reply_*` method builds a Cloud API message, validates it against the reference limits
+(a bad reply raises `ReplyError` naming the field before anything is queued) and buffers it;
+the dispatcher commits the buffer with the message's completion, so replies are written
+exactly once however often a crash makes the handler run.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from alfred_bot.models import Contact, Message
+from alfred_bot.media import MediaError, MediaFile, check_upload
+from alfred_bot.models import (
+    AudioMessage,
+    Contact,
+    DocumentMessage,
+    ImageMessage,
+    Message,
+    Status,
+    StickerMessage,
+    VideoMessage,
+)
+from alfred_bot.router import command_of
 from alfred_bot.store import OutboxRow
 from alfred_bot.validate import InvalidMessage, validate_content
 
+if TYPE_CHECKING:
+    from alfred_bot.graph import Transport
+    from alfred_bot.store import Store
+
 MAX_TEXT = 4096
 
-
 ReplyError = InvalidMessage  # a reply the Cloud API would refuse; raised before anything is queued
+
+#: A button: `(id, title)`; a list row: `(id, title)` or `(id, title, description)`.
+Choice = tuple[str, str] | tuple[str, str, str]
 
 
 def new_outbox_id() -> str:
@@ -27,15 +49,213 @@ def new_outbox_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
 
 
-class Context:
-    """What a handler knows about the message it answers, and its `reply` methods."""
+def phone_to(user: str) -> str:
+    """The `to` of a send: `+` and the digits (without it Meta prefixes our own country code)."""
+    return f"+{user}" if user.isdigit() else user
 
-    def __init__(self, *, tenant: str, phone_number_id: str, message: Message, contact: Contact | None) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a context may reach beyond its message: the store (history) and the transport (media)."""
+
+    store: Store
+    transport: Transport
+    media_dir: Path
+    max_download_bytes: int
+
+
+def _framed(kind: str, text: str, action: dict[str, Any], header: str | None, footer: str | None) -> dict[str, Any]:
+    content: dict[str, Any] = {"type": kind, "body": {"text": text}, "action": action}
+    if header is not None:
+        content["header"] = {"type": "text", "text": header}
+    if footer is not None:
+        content["footer"] = {"text": footer}
+    return content
+
+
+def _row(choice: Sequence[str]) -> dict[str, str]:
+    row = {"id": choice[0], "title": choice[1]}
+    if len(choice) > 2:
+        row["description"] = choice[2]
+    return row
+
+
+class Outgoing:
+    """The reply vocabulary shared by message and status contexts."""
+
+    tenant: str
+    replies: list[OutboxRow]
+
+    @property
+    def to(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def recipient(self) -> str:
+        raise NotImplementedError
+
+    def _quoted(self) -> str | None:
+        return None
+
+    def _idem_prefix(self) -> str:
+        raise NotImplementedError
+
+    def _source(self) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ message kinds
+
+    def reply(self, text: str, *, quote: bool = False, preview_url: bool = False) -> str:
+        """Text (1–4096 characters); `quote` shows it as an answer to the message."""
+        if not isinstance(text, str) or not text.strip():
+            raise ReplyError("text.body", "must be a non-empty string")
+        body: dict[str, Any] = {"body": text}
+        if preview_url:
+            body["preview_url"] = True
+        return self.send("text", body, quote=quote)
+
+    def reply_buttons(
+        self,
+        text: str,
+        buttons: Sequence[tuple[str, str]] | Mapping[str, str],
+        *,
+        header: str | None = None,
+        footer: str | None = None,
+        quote: bool = False,
+    ) -> str:
+        """Up to 3 reply buttons, given as `[(id, title), …]` or `{id: title}` (titles ≤ 20)."""
+        pairs = list(buttons.items()) if isinstance(buttons, Mapping) else list(buttons)
+        action = {"buttons": [{"type": "reply", "reply": {"id": i, "title": t}} for i, t in pairs]}
+        return self.send("interactive", _framed("button", text, action, header, footer), quote=quote)
+
+    def reply_list(
+        self,
+        text: str,
+        button: str,
+        sections: Mapping[str, Sequence[Choice]],
+        *,
+        header: str | None = None,
+        footer: str | None = None,
+        quote: bool = False,
+    ) -> str:
+        """A list behind a `button`: `{section title: [(id, title[, description]), …]}` (≤ 10 rows)."""
+        action = {
+            "button": button,
+            "sections": [{"title": title, "rows": [_row(r) for r in rows]} for title, rows in sections.items()],
+        }
+        return self.send("interactive", _framed("list", text, action, header, footer), quote=quote)
+
+    def reply_cta(
+        self, text: str, display_text: str, url: str, *, header: str | None = None, footer: str | None = None
+    ) -> str:
+        """A call-to-action button that opens `url`."""
+        action = {"name": "cta_url", "parameters": {"display_text": display_text, "url": url}}
+        return self.send("interactive", _framed("cta_url", text, action, header, footer))
+
+    def reply_template(
+        self,
+        name: str,
+        language: str = "en_US",
+        *,
+        body_params: Sequence[str] = (),
+        components: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """An approved template; `body_params` fill {{1}}, {{2}}… of its body (or pass `components`)."""
+        comps = list(components or [])
+        if body_params:
+            comps.append({"type": "body", "parameters": [{"type": "text", "text": p} for p in body_params]})
+        content: dict[str, Any] = {"name": name, "language": {"code": language}}
+        if comps:
+            content["components"] = comps
+        return self.send("template", content)
+
+    def reply_media(
+        self,
+        kind: str,
+        *,
+        media_id: str | None = None,
+        link: str | None = None,
+        caption: str | None = None,
+        filename: str | None = None,
+        quote: bool = False,
+    ) -> str:
+        """An image, video, audio, document or sticker by uploaded `media_id` or public `link`."""
+        content = {"id": media_id, "link": link, "caption": caption, "filename": filename}
+        return self.send(kind, {k: v for k, v in content.items() if v is not None}, quote=quote)
+
+    def reply_location(
+        self, latitude: float, longitude: float, *, name: str | None = None, address: str | None = None
+    ) -> str:
+        """A map pin."""
+        content: dict[str, Any] = {"latitude": latitude, "longitude": longitude}
+        content.update({k: v for k, v in (("name", name), ("address", address)) if v is not None})
+        return self.send("location", content)
+
+    def reply_contacts(self, contacts: Sequence[dict[str, Any]]) -> str:
+        """Contact cards, each at least `{"name": {"formatted_name": …}}` (plus phones, emails, …)."""
+        return self.send("contacts", list(contacts))
+
+    def react(self, emoji: str, message_id: str | None = None) -> str:
+        """React to `message_id` (default: the message being answered); "" removes the reaction."""
+        target = message_id or self._quoted()
+        if target is None:
+            raise ReplyError("reaction.message_id", "is required here")
+        return self.send("reaction", {"message_id": target, "emoji": emoji})
+
+    def send(self, kind: str, content: Any, *, quote: bool = False) -> str:
+        """Queue any Cloud API message object of type `kind` (validated like the API's sends)."""
+        validate_content(kind, content)
+        payload: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": self.to,
+            "type": kind,
+            kind: content,
+        }
+        quoted = self._quoted() if quote else None
+        if quote and quoted is None:
+            raise ReplyError("context.message_id", "there is no message to quote here")
+        if quoted is not None:
+            payload["context"] = {"message_id": quoted}
+        return self._queue(kind, payload)
+
+    def _queue(self, kind: str, payload: dict[str, Any]) -> str:
+        row = OutboxRow(
+            id=new_outbox_id(),
+            idem_key=f"{self._idem_prefix()}:{len(self.replies):03d}",
+            tenant=self.tenant,
+            recipient=self.recipient,
+            type=kind,
+            payload=msgspec.json.encode(payload),
+            source_event_id=self._source(),
+        )
+        self.replies.append(row)
+        return row.id
+
+
+_MEDIA_OF = (ImageMessage, VideoMessage, AudioMessage, DocumentMessage, StickerMessage)
+
+
+class Context(Outgoing):
+    """What a handler knows about the message it answers, and how it answers."""
+
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        phone_number_id: str,
+        message: Message,
+        contact: Contact | None,
+        services: Services | None = None,
+        early: Callable[[OutboxRow], None] | None = None,
+    ) -> None:
         self.tenant = tenant
         self.phone_number_id = phone_number_id
         self.message = message
         self.contact = contact
-        self.replies: list[OutboxRow] = []
+        self.replies = []
+        self._services = services
+        self._early = early
 
     @property
     def user_name(self) -> str | None:
@@ -49,49 +269,90 @@ class Context:
 
     @property
     def to(self) -> str:
-        """The `to` of a reply: `+` and the digits (without it Meta prefixes our own country code)."""
-        sender = self.message.sender
-        return f"+{sender}" if sender.isdigit() else sender
+        return phone_to(self.message.sender)
+
+    @property
+    def command_args(self) -> str:
+        """The text after a command word ("/order 2 pizzas" → "2 pizzas"); "" if none."""
+        parsed = command_of(self.message.text) if self.message.type == "text" else None
+        return parsed[1] if parsed else ""
+
+    def _quoted(self) -> str | None:
+        return self.message.id
+
+    def _idem_prefix(self) -> str:
+        return f"reply:{self.message.id}"
+
+    def _source(self) -> str | None:
+        return self.message.id
 
     def mark_read(self, *, typing: bool = True) -> str:
         """Queue a read receipt for this message, with a typing indicator (one call, up to 25 s)."""
         payload: dict[str, Any] = {"messaging_product": "whatsapp", "status": "read", "message_id": self.message.id}
         if typing:
             payload["typing_indicator"] = {"type": "text"}
-        return self._queue("read", payload)
+        outbox_id = self._queue("read", payload)
+        if self._early is not None:
+            self._early(self.replies[-1])  # the user sees "typing…" while the handler still works
+        return outbox_id
 
-    def reply(self, text: str, *, quote: bool = False, preview_url: bool = False) -> str:
-        """Queue a text reply (1–4096 characters); `quote` shows it as a reply to the message."""
-        if not isinstance(text, str) or not text.strip():
-            raise ReplyError("text.body", "must be a non-empty string")
-        body: dict[str, Any] = {"body": text}
-        if preview_url:
-            body["preview_url"] = True
-        return self.send("text", body, quote=quote)
+    def _need(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("this context has no store or transport attached")
+        return self._services
 
-    def send(self, kind: str, content: dict[str, Any], *, quote: bool = False) -> str:
-        """Queue any Cloud API message object of type `kind` (e.g. "image", {"id": ...})."""
-        validate_content(kind, content)
-        payload: dict[str, Any] = {
-            "messaging_product": "whatsapp",
-            "recipient_type": "individual",
-            "to": self.to,
-            "type": kind,
-            kind: content,
-        }
-        if quote:
-            payload["context"] = {"message_id": self.message.id}
-        return self._queue(kind, payload)
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The user's recent conversation with this number, oldest first (both directions).
 
-    def _queue(self, kind: str, payload: dict[str, Any]) -> str:
-        row = OutboxRow(
-            id=new_outbox_id(),
-            idem_key=f"reply:{self.message.id}:{len(self.replies):03d}",
-            tenant=self.tenant,
-            recipient=self.recipient,
-            type=kind,
-            payload=msgspec.json.encode(payload),
-            source_event_id=self.message.id,
-        )
-        self.replies.append(row)
-        return row.id
+        Each item: `direction` ("in"/"out"), `type`, `text`, `at` (unix time) and, for our
+        messages, `state`. The message being handled is the last "in" item.
+        """
+        return await self._need().store.conversation(self.tenant, self.recipient, max(1, min(limit, 200)))
+
+    async def download_media(self) -> MediaFile:
+        """Download this message's image/video/audio/document/sticker into the media folder."""
+        media = _media_id(self.message)
+        if media is None:
+            raise MediaError(f"a {self.message.type} message has no media to download")
+        svc = self._need()
+        folder = svc.media_dir / self.tenant
+        return await svc.transport.download(self.phone_number_id, media, folder, svc.max_download_bytes)
+
+    async def upload_media(self, kind: str, data: bytes, mime_type: str, filename: str = "file") -> str:
+        """Upload bytes for sending as `kind` (checked against Meta's type and size limits); the media id."""
+        check_upload(kind, mime_type, len(data))
+        return await self._need().transport.upload(self.phone_number_id, data, mime_type, filename)
+
+
+def _media_id(message: Message) -> str | None:
+    """The media id of an image/video/audio/document/sticker message (its object is named like its type)."""
+    if not isinstance(message, _MEDIA_OF):
+        return None
+    media_id = getattr(getattr(message, message.type), "id", None)
+    return media_id if isinstance(media_id, str) else None
+
+
+class StatusContext(Outgoing):
+    """A delivery update of a message we sent, with the reply vocabulary aimed at its recipient."""
+
+    def __init__(self, *, tenant: str, phone_number_id: str, status: Status) -> None:
+        self.tenant = tenant
+        self.phone_number_id = phone_number_id
+        self.status = status
+        self.replies = []
+
+    @property
+    def recipient(self) -> str:
+        return self.status.recipient_id or ""
+
+    @property
+    def to(self) -> str:
+        if not self.status.recipient_id:
+            raise ReplyError("to", "this status names no recipient")
+        return phone_to(self.status.recipient_id)
+
+    def _quoted(self) -> str | None:
+        return self.status.id
+
+    def _idem_prefix(self) -> str:
+        return f"status:{self.status.id}:{self.status.status}"

@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from alfred_bot.config import DispatchConfig
-from alfred_bot.context import Context
-from alfred_bot.parse import InboundItem
-from alfred_bot.router import Router
-from alfred_bot.store import Completion, Store, StoreError
+from alfred_bot.abuse import InboundLimiter, is_opt_out
+from alfred_bot.config import Config
+from alfred_bot.context import Context, Services, StatusContext
+from alfred_bot.models import Message
+from alfred_bot.orchestrator import Orchestrator, OrchestratorError, envelope, split_text
+from alfred_bot.parse import InboundItem, StatusItem
+from alfred_bot.router import CONTINUE, Router
+from alfred_bot.store import Completion, InboxState, OutboxRow, Store, StoreError
 from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.dispatch")
@@ -35,22 +40,30 @@ class Dispatcher:
         self,
         store: Store,
         routers: Mapping[str, Router],
-        cfg: DispatchConfig,
+        cfg: Config,
         *,
         on_replies: Callable[[], None] | None = None,
+        orchestrator: Orchestrator | None = None,
+        services: Services | None = None,
     ) -> None:
         self._store = store
         self._on_replies = on_replies
         self._routers = routers
-        self._cfg = cfg
-        self.queue: asyncio.Queue[InboundItem] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._cfg = cfg.dispatch
+        self._limits = cfg.limits
+        self._orchestrator = orchestrator if orchestrator is not None and orchestrator.enabled else None
+        self._orchestrator_fallback = cfg.orchestrator.fallback_text
+        self._services = services
+        self._limiter = InboundLimiter(cfg.limits.inbound_per_user, cfg.limits.inbound_window_seconds)
+        self.queue: asyncio.Queue[InboundItem | StatusItem] = asyncio.Queue(maxsize=cfg.dispatch.queue_size)
         self._inflight: set[str] = set()
         self._done_during_scan: set[str] | None = None  # only while a scan batch is in progress
         self._backlog = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
+        self._early_tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.counts: dict[str, int] = {"handled": 0, "failed": 0, "overflow": 0, "recovered": 0}
+        self.counts: Counter[str] = Counter(handled=0, failed=0, overflow=0, recovered=0)
 
     async def start(self) -> None:
         """Start workers and the catch-up scan (which also picks up what a crash left pending)."""
@@ -68,9 +81,17 @@ class Dispatcher:
     def backlog(self) -> bool:
         return self._backlog.is_set()
 
-    def offer(self, items: Iterable[InboundItem]) -> None:
-        """Queue freshly committed messages; on a full queue leave them to the catch-up scan."""
+    def offer(self, items: Iterable[InboundItem | StatusItem]) -> None:
+        """Queue freshly committed updates; on a full queue leave messages to the catch-up scan.
+
+        Status events are only queued when the tenant's router has status routes; they are
+        notifications (the outbox row already holds the new state), so a full queue drops them
+        with a count rather than blocking the webhook.
+        """
         for item in items:
+            if isinstance(item, StatusItem):
+                self._offer_status(item)
+                continue
             if item.message.id in self._inflight:
                 continue
             try:
@@ -80,6 +101,15 @@ class Dispatcher:
                 self._backlog.set()
             else:
                 self._inflight.add(item.message.id)
+
+    def _offer_status(self, item: StatusItem) -> None:
+        router = self._routers.get(item.tenant or "")
+        if router is None or not router.status_handlers(item.status):
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.counts["status_dropped"] += 1
 
     async def _catch_up(self) -> None:
         while True:
@@ -129,16 +159,24 @@ class Dispatcher:
             item = await self.queue.get()
             self._busy.add(current)
             try:
-                await self._handle(item)
-            except Exception:  # a bug here must not kill the worker; the message stays pending
-                log.exception("dispatch of %s failed; it stays pending", item.message.id)
-                self._retry_later()
+                if isinstance(item, StatusItem):
+                    await self._handle_status(item)
+                else:
+                    await self._guarded(item)
             finally:
                 self._busy.discard(current)
-                self._inflight.discard(item.message.id)
-                if self._done_during_scan is not None:
-                    self._done_during_scan.add(item.message.id)
                 self.queue.task_done()
+
+    async def _guarded(self, item: InboundItem) -> None:
+        try:
+            await self._handle(item)
+        except Exception:  # a bug here must not kill the worker; the message stays pending
+            log.exception("dispatch of %s failed; it stays pending", item.message.id)
+            self._retry_later()
+        finally:
+            self._inflight.discard(item.message.id)
+            if self._done_during_scan is not None:
+                self._done_during_scan.add(item.message.id)
 
     async def _handle(self, item: InboundItem) -> None:
         done = await self._run_handler(item)
@@ -156,7 +194,7 @@ class Dispatcher:
                     return
                 await asyncio.sleep(delay)
                 attempt += 1
-        self.counts["handled" if done.state == "handled" else "failed"] += 1
+        self.counts[done.state] += 1
         if done.replies and self._on_replies is not None:
             self._on_replies()
 
@@ -166,13 +204,21 @@ class Dispatcher:
         if router is None or tenant is None:
             log.warning("message %s: tenant %r is not configured any more", message.id, tenant)
             return Completion(message.id, "unrouted")
-        ctx = Context(tenant=tenant, phone_number_id=item.phone_number_id, message=message, contact=item.contact)
-        handler = router.resolve(message)
+        ctx = Context(
+            tenant=tenant,
+            phone_number_id=item.phone_number_id,
+            message=message,
+            contact=item.contact,
+            services=self._services,
+            early=self._send_early,
+        )
+        gate = self._gate(ctx)
+        if gate is not None:
+            return gate
         started = time.perf_counter()
         try:
-            if handler is not None:
-                async with asyncio.timeout(self._cfg.handler_timeout_seconds):
-                    await handler(message, ctx)
+            async with asyncio.timeout(self._cfg.handler_timeout_seconds):
+                await self._route(router, ctx)
         except Exception as exc:  # noqa: BLE001 (a handler bug must not stop the bot)
             return self._failed(ctx, exc)
         except asyncio.CancelledError as exc:
@@ -181,7 +227,105 @@ class Dispatcher:
                 raise  # we are being stopped: the message stays pending
             return self._failed(ctx, exc)
         log.debug("handled %s in %.1f ms", message.id, (time.perf_counter() - started) * 1000)
-        return Completion(message.id, "handled", tuple(ctx.replies))
+        return self._completion(ctx, "handled")
+
+    def _send_early(self, row: OutboxRow) -> None:
+        """Queue a read receipt now rather than with the completion, so "typing…" shows at once.
+
+        The completion inserts the same row again; its idempotency key makes that a no-op, and
+        if this early write fails the completion still queues it.
+        """
+        task = asyncio.create_task(self._enqueue_early(row))
+        self._early_tasks.add(task)
+        task.add_done_callback(self._early_tasks.discard)
+
+    async def _enqueue_early(self, row: OutboxRow) -> None:
+        try:
+            await self._store.enqueue([row])
+        except StoreError as exc:
+            log.warning("early read receipt not queued (the completion will queue it): %s", exc)
+            return
+        if self._on_replies is not None:
+            self._on_replies()
+
+    def _completion(self, ctx: Context, state: InboxState, error: str | None = None) -> Completion:
+        """Every message the user writes (other than an opt-out) means they want to hear from us."""
+        return Completion(
+            ctx.message.id, state, tuple(ctx.replies), error, tenant=ctx.tenant, user=ctx.recipient, consent="in"
+        )
+
+    def _gate(self, ctx: Context) -> Completion | None:
+        """Opt-out words end here; over the per-user limit the message is kept but not handled."""
+        message = ctx.message
+        if is_opt_out(message, self._limits):
+            self.counts["opted_out"] += 1
+            if self._limits.opt_out_reply.strip():
+                ctx.reply(self._limits.opt_out_reply[:4096])
+            return Completion(
+                message.id, "handled", tuple(ctx.replies), tenant=ctx.tenant, user=ctx.recipient, consent="out"
+            )
+        verdict = self._limiter.check(ctx.tenant, ctx.recipient, float(message.timestamp))
+        if verdict.allowed:
+            return None
+        if verdict.notify and self._limits.limit_notice.strip():
+            ctx.reply(self._limits.limit_notice[:4096])
+        log.warning("message %s: user over the inbound limit (tenant %s), kept but not handled", message.id, ctx.tenant)
+        return Completion(message.id, "limited", tuple(ctx.replies), tenant=ctx.tenant, user=ctx.recipient)
+
+    async def _route(self, router: Router, ctx: Context) -> None:
+        """Matching routes in order until one does not return CONTINUE; then orchestrator or default."""
+        message = ctx.message
+        for handler in router.handlers_for(message):
+            if await router.wrap(handler)(message, ctx) is not CONTINUE:
+                return
+        if self._orchestrator is not None and message.type == "text":
+            await router.wrap(self._ask_orchestrator)(message, ctx)
+        elif router.fallback is not None:
+            await router.wrap(router.fallback)(message, ctx)
+
+    async def _ask_orchestrator(self, message: Message, ctx: Context) -> None:
+        """Forward a text to the orchestrator; its answer, or the fallback, goes back to the user."""
+        assert self._orchestrator is not None
+        ctx.mark_read(typing=True)
+        request = envelope(
+            trace_id=uuid.uuid4().hex,
+            text=message.text or "",
+            user=ctx.recipient,
+            message_id=message.id,
+            phone_number=ctx.contact.wa_id if ctx.contact and ctx.contact.wa_id else message.from_,
+            tenant=ctx.tenant,
+        )
+        try:
+            answer = await self._orchestrator.ask(request)
+        except OrchestratorError as exc:
+            log.error("orchestrator failed for %s (tenant %s): %s", message.id, ctx.tenant, exc)
+            self.counts["orchestrator_failed"] += 1
+            if self._orchestrator_fallback.strip():
+                ctx.reply(self._orchestrator_fallback[:4096])
+            return
+        for part in split_text(answer):
+            ctx.reply(part)
+
+    async def _handle_status(self, item: StatusItem) -> None:
+        """Run the status routes of the tenant; what they send is queued straight away."""
+        router = self._routers.get(item.tenant or "")
+        if router is None or item.tenant is None:
+            return
+        ctx = StatusContext(tenant=item.tenant, phone_number_id=item.phone_number_id, status=item.status)
+        try:
+            async with asyncio.timeout(self._cfg.handler_timeout_seconds):
+                for handler in router.status_handlers(item.status):
+                    await handler(item.status, ctx)
+            if ctx.replies:
+                await self._store.enqueue(ctx.replies)
+                if self._on_replies is not None:
+                    self._on_replies()
+        except Exception:  # a status handler bug must not stop the bot
+            status = item.status
+            log.exception("status handler failed for %s %s (tenant %s)", status.id, status.status, item.tenant)
+            self.counts["status_failed"] += 1
+            return
+        self.counts["status_handled"] += 1
 
     def _failed(self, ctx: Context, exc: BaseException) -> Completion:
         """Drop whatever the handler queued; queue the configured fallback instead."""
@@ -191,10 +335,12 @@ class Dispatcher:
         ctx.replies.clear()
         if self._cfg.fallback_text.strip():
             ctx.reply(self._cfg.fallback_text[:4096])
-        return Completion(ctx.message.id, "failed", tuple(ctx.replies), reason[:1000])
+        return self._completion(ctx, "failed", reason[:1000])
 
     async def stop(self, grace: float = 5.0) -> None:
         """Let busy workers finish their message (up to `grace` s); the rest stays pending."""
         self._stopping = True
         await stop_workers(self._tasks, self._busy, grace)
         self._tasks = []
+        if self._early_tasks:  # early receipts: the completion (or the next run) queues them anyway
+            await asyncio.wait(self._early_tasks, timeout=1.0)

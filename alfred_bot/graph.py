@@ -7,16 +7,22 @@ A transport turns every outcome, including timeouts and resets, into a `Decision
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Protocol
+from urllib.parse import quote
 
 import aiohttp
+import msgspec
+from yarl import URL
 
 from alfred_bot.config import GraphConfig
 from alfred_bot.decide import Decision, Outcome, decide, transport_failure
+from alfred_bot.media import MediaError, MediaFile, MediaInfo, limit_for, target_path
 
 log = logging.getLogger("alfred.graph")
 
@@ -46,16 +52,39 @@ class Transport(Protocol):
     async def probe(self, phone_number_id: str) -> bool:
         """True when the credentials work again (used to lift a token pause)."""
 
+    async def download(self, phone_number_id: str, media_id: str, folder: Path, max_bytes: int) -> MediaFile:
+        """Fetch inbound media `media_id` into `folder` (a file named after the id and its type)."""
+
+    async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
+        """Upload media for sending; return its media id (valid 30 days)."""
+
 
 class GraphTransport:
-    """POST {base_url}/{api_version}/{phone_number_id}/messages with the bearer token."""
+    """POST {base_url}/{api_version}/{phone_number_id}/messages with that number's bearer token.
 
-    def __init__(self, cfg: GraphConfig, token: str, *, connections: int) -> None:
+    `tokens` maps each phone number id to its access token: a tenant's token is only ever sent
+    for its own number.
+    """
+
+    def __init__(self, cfg: GraphConfig, tokens: Mapping[str, str], *, connections: int) -> None:
         self._base = f"{cfg.base_url.rstrip('/')}/{cfg.api_version}"
+        self._base_host = URL(cfg.base_url).host
         self._timeout = cfg.timeout_seconds
-        self._token = token
+        self._tokens = dict(tokens)
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
+
+    def _auth(self, phone_number_id: str) -> dict[str, str]:
+        token = self._tokens.get(phone_number_id)
+        if token is None:
+            raise RuntimeError(f"no access token for phone number id {phone_number_id}")
+        return {"Authorization": f"Bearer {token}"}
+
+    def _redact(self, body: bytes) -> bytes:
+        """Meta's error text can echo a malformed token back: never keep it."""
+        for token in self._tokens.values():
+            body = body.replace(token.encode(), b"[redacted]")
+        return body
 
     async def start(self) -> None:
         trace = aiohttp.TraceConfig()
@@ -63,7 +92,6 @@ class GraphTransport:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit=self._connections),
-            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
             trace_configs=[trace],
         )
 
@@ -80,10 +108,14 @@ class GraphTransport:
     async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
         url = f"{self._base}/{phone_number_id}/messages"
         try:
-            async with self._client().post(url, data=payload, trace_request_ctx={"on_wire": on_wire}) as resp:
+            async with self._client().post(
+                url,
+                data=payload,
+                headers={**self._auth(phone_number_id), "Content-Type": "application/json"},
+                trace_request_ctx={"on_wire": on_wire},
+            ) as resp:
                 body = await resp.read()
-                # Meta's error text can echo a malformed token back: never keep it.
-                return decide(resp.status, body.replace(self._token.encode(), b"[redacted]"), resp.headers)
+                return decide(resp.status, self._redact(body), resp.headers)
         except TimeoutError:
             return transport_failure(f"no answer within {self._timeout:g} s")
         except aiohttp.ClientError as exc:
@@ -91,11 +123,104 @@ class GraphTransport:
 
     async def probe(self, phone_number_id: str) -> bool:
         try:
-            async with self._client().get(f"{self._base}/{phone_number_id}", params={"fields": "id"}) as resp:
+            async with self._client().get(
+                f"{self._base}/{phone_number_id}", params={"fields": "id"}, headers=self._auth(phone_number_id)
+            ) as resp:
                 await resp.read()
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
+
+    async def download(self, phone_number_id: str, media_id: str, folder: Path, max_bytes: int) -> MediaFile:
+        try:
+            info = await self._media_info(phone_number_id, media_id)
+            limit = limit_for(info.mime_type, max_bytes)
+            if info.file_size is not None and info.file_size > limit:
+                raise MediaError(f"media {media_id} is {info.file_size} bytes, above the limit of {limit}")
+            dest = target_path(folder, media_id, info.mime_type)
+            size = await self._fetch_to(phone_number_id, info, dest, limit)
+        except TimeoutError:
+            raise MediaError(f"media {media_id}: no answer within {self._timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise MediaError(f"media {media_id}: connection failed: {type(exc).__name__}") from None
+        return MediaFile(id=media_id, path=str(dest), mime_type=info.mime_type, size=size, sha256=info.sha256)
+
+    async def _media_info(self, phone_number_id: str, media_id: str) -> MediaInfo:
+        url = f"{self._base}/{quote(media_id, safe='')}"
+        params = {"phone_number_id": phone_number_id}
+        async with self._client().get(url, params=params, headers=self._auth(phone_number_id)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise MediaError(f"media {media_id}: {_graph_error(resp.status, self._redact(body))}")
+        try:
+            return msgspec.json.decode(body, type=MediaInfo)
+        except msgspec.DecodeError:
+            raise MediaError(f"media {media_id}: Graph answered without a usable url") from None
+
+    async def _fetch_to(self, phone_number_id: str, info: MediaInfo, dest: Path, limit: int) -> int:
+        """Stream the bytes to a temporary file, cut at `limit`, check sha256, then rename."""
+        url = URL(info.url)
+        if url.scheme not in ("http", "https") or (url.scheme == "http" and url.host != self._base_host):
+            raise MediaError("media url must be https (the bearer token is never sent in clear to another host)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_suffix(dest.suffix + ".part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            async with self._client().get(url, headers=self._auth(phone_number_id)) as resp:
+                if resp.status != 200:
+                    raise MediaError(f"media download answered HTTP {resp.status} (the url may have expired)")
+                with partial.open("wb") as out:
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        size += len(chunk)
+                        if size > limit:
+                            raise MediaError(f"media is larger than the limit of {limit} bytes")
+                        digest.update(chunk)
+                        out.write(chunk)
+            if info.sha256 and digest.hexdigest() != info.sha256.lower():
+                raise MediaError("media checksum does not match Graph's sha256")
+            partial.replace(dest)
+        finally:
+            partial.unlink(missing_ok=True)
+        return size
+
+    async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
+        form = aiohttp.FormData()
+        form.add_field("messaging_product", "whatsapp")
+        form.add_field("type", mime_type)
+        form.add_field("file", data, filename=filename, content_type=mime_type)
+        url = f"{self._base}/{phone_number_id}/media"
+        try:
+            async with self._client().post(url, data=form, headers=self._auth(phone_number_id)) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise MediaError(f"upload refused: {_graph_error(resp.status, self._redact(body))}")
+        except TimeoutError:
+            raise MediaError(f"upload: no answer within {self._timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise MediaError(f"upload: connection failed: {type(exc).__name__}") from None
+        media_id = _json_field(body, "id")
+        if not media_id:
+            raise MediaError("upload: Graph answered without a media id")
+        return media_id
+
+
+def _json_field(body: bytes, key: str) -> str | None:
+    try:
+        value = msgspec.json.decode(body).get(key)
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _graph_error(status: int, body: bytes) -> str:
+    """`HTTP 404, code 100: Unsupported get request` from a Graph error body (or just the status)."""
+    d = decide(status, body, {})
+    parts = [f"HTTP {status}"]
+    if d.code is not None:
+        parts.append(f"code {d.code}")
+    if d.message:
+        parts.append(d.message[:200])
+    return ", ".join(parts)
 
 
 class SandboxTransport:
@@ -115,3 +240,9 @@ class SandboxTransport:
 
     async def probe(self, phone_number_id: str) -> bool:
         return True
+
+    async def download(self, phone_number_id: str, media_id: str, folder: Path, max_bytes: int) -> MediaFile:
+        raise MediaError("media cannot be downloaded in sandbox mode (set WHATSAPP_ACCESS_TOKEN)")
+
+    async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
+        raise MediaError("media cannot be uploaded in sandbox mode (set WHATSAPP_ACCESS_TOKEN)")

@@ -9,6 +9,8 @@ from aiohttp import web
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import Transport
+from alfred_bot.meters import Meters
+from alfred_bot.orchestrator import Orchestrator
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget
 from alfred_bot.sender import Sender
@@ -20,11 +22,13 @@ STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SENDER = web.AppKey("sender", Sender)
 TRANSPORT = web.AppKey("transport", Transport)
+ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 ROUTERS = web.AppKey("routers", dict[str, Router])
 #: phone_number_id -> tenant name, for routing inbound updates.
 TENANTS = web.AppKey("tenants", dict[str, str])
 #: Webhook outcome counters (`webhook_200`, `unrouted`, `skipped`, …) until /metrics exists.
 STATS = web.AppKey("stats", Counter[str])
 STARTED_AT = web.AppKey("started_at", float)
+METERS = web.AppKey("meters", Meters)
 #: Bytes of not-yet-verified webhook bodies held in memory (bounded, see webhook.BodyBudget).
 BODY_BUDGET = web.AppKey("body_budget", BodyBudget)

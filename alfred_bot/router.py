@@ -1,9 +1,16 @@
-"""Routers: how bot logic in `handlers/` declares which messages it answers.
+"""Routers: how bot logic in `handlers/` declares which messages and status events it answers.
 
-A handler is `async def handler(message, ctx) -> None`. Routes are tried in the order they were
-declared; the first whose filters all match runs, and no other does. `@router.default` runs when
-nothing else matched. A handler replies through `ctx`, which buffers the replies; the dispatcher
-writes them to the outbox in the same transaction that marks the message handled.
+A message handler is `async def handler(message, ctx) -> None`. Routes are tried in the order
+they were declared and the first whose filters all match runs. By default that ends routing;
+a handler that returns `CONTINUE` lets the next matching route run too. When no route ran to the
+end, a text message goes to the orchestrator (if `[orchestrator] url` is set), anything else to
+`@router.default`. Middleware (`router.use`) wraps every message handler, outermost first.
+
+A status handler is `async def handler(status, ctx) -> None` for delivery updates of messages we
+sent (`sent`, `delivered`, `read`, `played`, `failed`); every matching status route runs.
+
+Replies go through `ctx`, which buffers them; the dispatcher writes them to the outbox in the same
+transaction that marks the message handled.
 """
 
 from __future__ import annotations
@@ -12,63 +19,196 @@ import importlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 from alfred_bot.config import Config, ConfigError
-from alfred_bot.models import Message
+from alfred_bot.models import ButtonMessage, InteractiveMessage, Message, ReactionMessage, Status
 
 if TYPE_CHECKING:
-    from alfred_bot.context import Context
+    from alfred_bot.context import Context, StatusContext
 
-Handler = Callable[[Message, "Context"], Awaitable[None]]
+
+class _Continue:
+    def __repr__(self) -> str:
+        return "CONTINUE"
+
+
+#: Return this from a handler to let the next matching route run as well.
+CONTINUE: Final = _Continue()
+
+Handler = Callable[[Message, "Context"], Awaitable[Any]]
+StatusHandler = Callable[[Status, "StatusContext"], Awaitable[Any]]
+Next = Callable[[], Awaitable[Any]]
+Middleware = Callable[[Message, "Context", Next], Awaitable[Any]]
+Filter = Callable[[Message], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One handler and its filters; an empty filter matches everything."""
+    """One handler and the filters that must all accept a message."""
 
     handler: Handler
-    types: frozenset[str]
-    pattern: re.Pattern[str] | None
+    filters: tuple[Filter, ...]
 
     def matches(self, message: Message) -> bool:
-        if self.types and message.type not in self.types:
+        return all(accept(message) for accept in self.filters)
+
+
+def _pattern(value: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
+    return re.compile(value) if isinstance(value, str) else value
+
+
+def _of_types(types: tuple[str, ...]) -> Filter:
+    wanted = frozenset(types)
+    return lambda m: m.type in wanted
+
+
+def _text_matches(pattern: re.Pattern[str]) -> Filter:
+    return lambda m: m.text is not None and pattern.search(m.text) is not None
+
+
+def _value_matches(
+    get: Callable[[Message], str | None], values: tuple[str, ...], pattern: re.Pattern[str] | None
+) -> Filter:
+    wanted = frozenset(values)
+
+    def accept(message: Message) -> bool:
+        value = get(message)
+        if value is None:
             return False
-        if self.pattern is None:
-            return True
-        text = message.text
-        return text is not None and self.pattern.search(text) is not None
+        if pattern is not None and pattern.search(value) is None:
+            return False
+        return not wanted or value in wanted
+
+    return accept
+
+
+def _reply_id(message: Message) -> str | None:
+    return message.reply_id if isinstance(message, InteractiveMessage) else None
+
+
+def _payload(message: Message) -> str | None:
+    return message.button.payload if isinstance(message, ButtonMessage) else None
+
+
+def _emoji(message: Message) -> str | None:
+    return (message.reaction.emoji or "") if isinstance(message, ReactionMessage) else None
+
+
+def command_of(text: str | None) -> tuple[str, str] | None:
+    """`"/Help me"` → `("help", "me")`: the first word, lower-cased, without a leading '/'."""
+    if not text or not text.strip():
+        return None
+    word, _, rest = text.strip().partition(" ")
+    return word.removeprefix("/").lower(), rest.strip()
 
 
 class Router:
-    """An ordered list of routes plus an optional catch-all."""
+    """Ordered routes, status routes, middleware and an optional catch-all."""
 
     def __init__(self, name: str = "") -> None:
         self.name = name
         self._routes: list[Route] = []
+        self._status_routes: list[tuple[frozenset[str], StatusHandler]] = []
+        self._middleware: list[Middleware] = []
         self._default: Handler | None = None
 
-    def message(self, *types: str, text: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
-        """Route messages of these `types` (any, if none) whose text matches `text` (a regex)."""
-        pattern = re.compile(text) if isinstance(text, str) else text
+    # ------------------------------------------------------------------ declaring
+
+    def route(self, *filters: Filter) -> Callable[[Handler], Handler]:
+        """Route messages accepted by every filter (a function of the message)."""
 
         def register(handler: Handler) -> Handler:
-            self._routes.append(Route(handler, frozenset(types), pattern))
+            self._routes.append(Route(handler, filters))
+            return handler
+
+        return register
+
+    def message(self, *types: str, text: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
+        """Messages of these `types` (any, if none) whose text matches the regex `text`, if given."""
+        filters: list[Filter] = [_of_types(types)] if types else []
+        pattern = _pattern(text)
+        if pattern is not None:
+            filters.append(_text_matches(pattern))
+        return self.route(*filters)
+
+    def command(self, *names: str) -> Callable[[Handler], Handler]:
+        """Text messages whose first word is one of `names`, with or without '/', any case.
+
+        `@router.command("help")` answers "/help", "help" and "HELP me"; `ctx.command_args` holds
+        the rest of the text.
+        """
+        wanted = frozenset(n.removeprefix("/").lower() for n in names)
+        if not wanted:
+            raise ValueError("command() needs at least one name")
+
+        def accept(message: Message) -> bool:
+            parsed = command_of(message.text) if message.type == "text" else None
+            return parsed is not None and parsed[0] in wanted
+
+        return self.route(accept)
+
+    def interactive(self, *ids: str, pattern: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
+        """Taps on our reply buttons or list rows, by their `id` (any, if none given)."""
+        return self.route(_value_matches(_reply_id, ids, _pattern(pattern)))
+
+    def button(self, *payloads: str, pattern: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
+        """Taps on a template's quick-reply button, by its `payload` (any, if none given)."""
+        return self.route(_value_matches(_payload, payloads, _pattern(pattern)))
+
+    def reaction(self, *emojis: str) -> Callable[[Handler], Handler]:
+        """Reactions to our messages, optionally only these emojis ("" is a removed reaction)."""
+        return self.route(_value_matches(_emoji, emojis, None))
+
+    def status(self, *states: str) -> Callable[[StatusHandler], StatusHandler]:
+        """Delivery updates of messages we sent: `sent`, `delivered`, `read`, `played`, `failed`."""
+
+        def register(handler: StatusHandler) -> StatusHandler:
+            self._status_routes.append((frozenset(states), handler))
             return handler
 
         return register
 
     def default(self, handler: Handler) -> Handler:
-        """Register the catch-all handler, run when no route matched."""
+        """Register the catch-all handler, run when no route handled the message."""
         self._default = handler
         return handler
 
-    def resolve(self, message: Message) -> Handler | None:
-        """The handler that answers `message`, or None when nothing does."""
-        for route in self._routes:
-            if route.matches(message):
-                return route.handler
+    def use(self, middleware: Middleware) -> Middleware:
+        """Wrap every message handler: `async def mw(message, ctx, call_next)`; the first added is outermost."""
+        self._middleware.append(middleware)
+        return middleware
+
+    # ------------------------------------------------------------------ resolving
+
+    @property
+    def wants_statuses(self) -> bool:
+        return bool(self._status_routes)
+
+    def handlers_for(self, message: Message) -> list[Handler]:
+        """The handlers of every matching route, in declaration order."""
+        return [route.handler for route in self._routes if route.matches(message)]
+
+    @property
+    def fallback(self) -> Handler | None:
         return self._default
+
+    def status_handlers(self, status: Status) -> list[StatusHandler]:
+        return [h for states, h in self._status_routes if not states or status.status in states]
+
+    def wrap(self, handler: Handler) -> Handler:
+        """`handler` inside this router's middleware chain."""
+        wrapped = handler
+        for middleware in reversed(self._middleware):
+            wrapped = _wrap_one(middleware, wrapped)
+        return wrapped
+
+
+def _wrap_one(middleware: Middleware, inner: Handler) -> Handler:
+    async def call(message: Message, ctx: Context) -> Any:
+        return await middleware(message, ctx, lambda: inner(message, ctx))
+
+    return call
 
 
 def load_router(module: str, key: str) -> Router:

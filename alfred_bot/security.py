@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -14,6 +15,34 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _given_digest(header: str | None) -> bytes | None:
+    if not header:
+        return None
+    prefix, _, hexdigest = header.partition("=")
+    if prefix != "sha256" or not _HEX64.fullmatch(hexdigest):
+        return None
+    return bytes.fromhex(hexdigest)
+
+
+def signature_scopes(body: bytes, header: str | None, keyring: Mapping[str | None, tuple[str, ...]]) -> set[str | None]:
+    """Which owners' secrets produced `header`: tenant names, or None for the global app secret.
+
+    Every secret is compared (constant time) even after a match, so timing does not tell which
+    owner a guess hit. An empty set means the signature is invalid for everyone.
+    """
+    given = _given_digest(header)
+    if given is None:
+        return set()
+    digests: dict[str, bytes] = {}
+    owners: set[str | None] = set()
+    for owner, secrets in keyring.items():
+        for secret in secrets:
+            digest = digests.setdefault(secret, hmac.new(secret.encode(), body, hashlib.sha256).digest())
+            if hmac.compare_digest(digest, given):
+                owners.add(owner)
+    return owners
+
+
 def signature_ok(body: bytes, header: str | None, secrets: tuple[str, ...]) -> bool:
     """True when `header` is `sha256=<hex>` of HMAC-SHA256(secret, raw body) for any secret.
 
@@ -21,12 +50,9 @@ def signature_ok(body: bytes, header: str | None, secrets: tuple[str, ...]) -> b
     so re-encoding parsed JSON would not match. Hex case is ignored (the digest is the same).
     Several secrets are accepted so an app secret can be rotated without refusing webhooks.
     """
-    if not header:
+    given = _given_digest(header)
+    if given is None:
         return False
-    prefix, _, hexdigest = header.partition("=")
-    if prefix != "sha256" or not _HEX64.fullmatch(hexdigest):
-        return False
-    given = bytes.fromhex(hexdigest)
     matches = [hmac.compare_digest(hmac.new(s.encode(), body, hashlib.sha256).digest(), given) for s in secrets]
     return any(matches)
 

@@ -93,6 +93,7 @@ class Sender:
         )
         self.pauses: dict[str, Pause] = {}
         self.counts: Counter[str] = Counter()
+        self.on_sent: Callable[[str], None] | None = None  # told the tenant of each accepted send
         self._held: set[str] = set()  # rows claimed by this process and not settled yet
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -136,7 +137,7 @@ class Sender:
     # ------------------------------------------------------------------ pump
 
     async def _pump(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._pump_once()
             except Exception:  # the pump must outlive a store hiccup; leases keep rows safe
@@ -151,10 +152,12 @@ class Sender:
             await self._room.wait()
             return
         self._wake.clear()
-        jobs = await self._store.claim(self._clock(), quotas, self.lease, frozenset(self._held))
+        jobs = await self._claim(quotas)
         for job in jobs:
             self._held.add(job.id)
             self._lanes[job.tenant].queue.put_nowait(job)
+        if self._stopping:
+            return  # stop() puts what was just claimed back
         if any(sum(1 for j in jobs if j.tenant == name) == quota > 0 for name, quota in quotas.items()):
             return  # a lane took all it could: more may be due, claim again once there is room
         due = await self._store.next_due(frozenset(active))
@@ -162,6 +165,17 @@ class Sender:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
                 await self._wake.wait()
+
+    async def _claim(self, quotas: dict[str, int]) -> list[OutboxJob]:
+        """Claim as a busy task: a stop must not cancel a claim the writer has already committed,
+        or its rows would stay leased until the lease runs out."""
+        current = asyncio.current_task()
+        assert current is not None
+        self._busy.add(current)
+        try:
+            return await self._store.claim(self._clock(), quotas, self.lease, frozenset(self._held))
+        finally:
+            self._busy.discard(current)
 
     # ------------------------------------------------------------------ workers
 
@@ -221,6 +235,8 @@ class Sender:
             lane.transient_streak = 0
         if d.outcome is Outcome.SENT:
             lane.pairs.on_success(job.recipient)
+            if self.on_sent is not None:
+                self.on_sent(lane.tenant)
             await self._settle(Settlement(id=job.id, state="sent", attempts=job.attempts, wamid=d.wamid))
         elif d.outcome is Outcome.FAILED:
             log.warning("outbox %s failed permanently: code %s %s", job.id, d.code, d.message)

@@ -14,8 +14,9 @@ import logging
 from aiohttp import web
 
 from alfred_bot import keys
-from alfred_bot.parse import EnvelopeError, ParsedBody, parse_body
-from alfred_bot.security import signature_ok, token_ok
+from alfred_bot.config import Secrets
+from alfred_bot.parse import EnvelopeError, InboundItem, ParsedBody, parse_body
+from alfred_bot.security import signature_scopes, token_ok
 from alfred_bot.store import StoreError
 
 log = logging.getLogger("alfred.webhook")
@@ -75,14 +76,43 @@ async def receive(request: web.Request) -> web.Response:
     body = await _read_body(request)
     if isinstance(body, web.Response):
         return body
-    if not signature_ok(body, header, app[keys.SECRETS].app_secrets):
+    secrets = app[keys.SECRETS]
+    scopes = signature_scopes(body, header, keyring(secrets))
+    if not scopes:
         return _refuse(request, 403, "invalid signature")
     try:
         tenants = app[keys.TENANTS]
         parsed = parse_body(body, tenants)
     except EnvelopeError as exc:
         return _refuse(request, 400, str(exc))
+    foreign = _outside_scope(parsed, scopes, frozenset(secrets.tenant_app_secrets))
+    if foreign:
+        return _refuse(request, 403, f"signature does not cover phone number id {foreign}")
     return await _store(request, parsed)
+
+
+def keyring(secrets: Secrets) -> dict[str | None, tuple[str, ...]]:
+    """Secret owners: None (the global app secret) and each tenant with its own app secret."""
+    ring: dict[str | None, tuple[str, ...]] = {None: secrets.app_secrets}
+    ring.update(secrets.tenant_app_secrets)
+    return ring
+
+
+def _outside_scope(parsed: ParsedBody, scopes: set[str | None], own: frozenset[str]) -> str | None:
+    """The first phone number id in `parsed` that the matching secret may not speak for.
+
+    A tenant with its own app secret accepts only bodies signed with it; the global secret
+    speaks for every other tenant and for numbers no tenant owns (stored as unrouted). So a
+    body signed by one tenant's app can never inject messages for another tenant's number.
+    """
+    items: list[tuple[str | None, str | None]] = [(m.tenant, m.phone_number_id) for m in parsed.messages]
+    items += [(s.tenant, s.phone_number_id) for s in parsed.statuses]
+    items += [(e.tenant, e.phone_number_id) for e in parsed.events]
+    for tenant, pnid in items:
+        allowed = tenant in scopes or (tenant not in own and None in scopes)
+        if not allowed:
+            return pnid or "(none)"
+    return None
 
 
 async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
@@ -96,7 +126,11 @@ async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
         log.exception("webhook not stored (unexpected error), Meta will retry")
         return _refuse(request, 503, "temporarily unable to store the update")
     app[keys.DISPATCHER].offer(fresh)
-    _count(app, parsed, len(fresh))
+    meters = app[keys.METERS]
+    for item in fresh:
+        if isinstance(item, InboundItem):
+            meters.received(item.tenant)
+    _count(app, parsed, sum(1 for item in fresh if isinstance(item, InboundItem)))
     return web.Response(text="OK")
 
 

@@ -49,6 +49,8 @@ class FaultyStore(SqliteStore):
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "storage": {"path": str(tmp_path / "alfred.db")},
+        # Most tests send many messages from one user: the per-user limit is tested on its own.
+        "limits": {"inbound_per_user": 0},
         "tenants": {"home": {"phone_number_id": payloads.PNID}, "biz": {"phone_number_id": payloads.BIZ_PNID}},
     }
     data.update(sections)

@@ -10,9 +10,9 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from alfred_bot.parse import InboundItem, ParsedBody
+from alfred_bot.parse import InboundItem, ParsedBody, StatusItem
 
-InboxState = Literal["pending", "handled", "failed", "unrouted"]
+InboxState = Literal["pending", "handled", "failed", "unrouted", "limited"]
 
 
 class StoreError(Exception):
@@ -70,12 +70,19 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Completion(msgspec.Struct, frozen=True):
-    """The outcome of handling one inbound message, written in one transaction with its replies."""
+    """The outcome of handling one inbound message, written in one transaction with its replies.
+
+    `consent` records the user's wish in the same transaction: "out" after an opt-out word,
+    "in" for any other message they write (which lifts an earlier opt-out).
+    """
 
     event_id: str
     state: InboxState
     replies: tuple[OutboxRow, ...] = ()
     error: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+    consent: Literal["in", "out"] | None = None
 
 
 class PendingMessage(msgspec.Struct, frozen=True):
@@ -94,8 +101,8 @@ class Store(Protocol):
     async def close(self) -> None:
         """Finish queued writes, then release the database."""
 
-    async def ingest(self, body: ParsedBody) -> list[InboundItem]:
-        """Store everything in `body`; return the routed messages not seen before (to dispatch)."""
+    async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
+        """Store everything in `body`; return the routed messages and statuses not seen before."""
 
     async def complete(self, done: Completion) -> bool:
         """Mark a pending message handled/failed and queue its replies; False if it was not pending."""
@@ -135,6 +142,21 @@ class Store(Protocol):
 
     async def outbox_counts(self) -> dict[str, int]:
         """Outbox rows by state."""
+
+    async def outbox_by_tenant(self) -> dict[str, dict[str, int]]:
+        """Outbox rows by tenant, then by state."""
+
+    async def opted_out(self, tenant: str, user: str) -> bool:
+        """True while the user has opted out of business-initiated messages from this tenant."""
+
+    async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
+        """The user's last `limit` messages with this tenant, both directions, oldest first."""
+
+    async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Sends that failed for good, newest first."""
+
+    async def retry_dead(self, ids: list[str] | None, now: float) -> int:
+        """Queue failed sends again (all of them when `ids` is None); return how many."""
 
     async def healthy(self) -> bool:
         """True while the database answers and the writer runs."""

@@ -8,6 +8,7 @@ answer for a row that has been re-claimed or settled already changes nothing.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -146,3 +147,32 @@ def _advance(conn: sqlite3.Connection, wamid: str, state: str, at: float, error:
         sets += ", read_at = COALESCE(read_at, ?)"
         params += (at,)
     conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", (*params, outbox_id))
+
+
+def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) -> int:
+    """Give failed sends a fresh start: queued, due now, attempts and error cleared."""
+    reset = (
+        "UPDATE outbox SET state = 'queued', due_at = ?, attempts = 0, error_code = NULL, error_message = NULL, "
+        "error_details = NULL, error_fbtrace_id = NULL, error_http_status = NULL, needs_template = 0 "
+        "WHERE state = 'failed'"
+    )
+    if ids is None:
+        return conn.execute(reset, (now,)).rowcount
+    return sum(conn.execute(f"{reset} AND id = ?", (now, outbox_id)).rowcount for outbox_id in ids)
+
+
+def payload_text(payload: bytes, kind: str) -> str | None:
+    """The human-readable text of a send (text body, caption, interactive body), for history views."""
+    try:
+        data = json.loads(payload)
+        obj = data.get(kind) if isinstance(data, dict) else None
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    text = obj.get("body") if kind == "text" else obj.get("caption")
+    if kind == "interactive" and isinstance(obj.get("body"), dict):
+        text = obj["body"].get("text")
+    if kind == "template":
+        text = f"[template {obj.get('name')}]"
+    return text if isinstance(text, str) else None

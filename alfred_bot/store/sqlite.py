@@ -16,12 +16,12 @@ from typing import IO, Any
 import aiosqlite
 
 from alfred_bot.models import Contact, Profile
-from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, decode_message
+from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem, decode_message
 from alfred_bot.store import outbox
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
 from alfred_bot.store.writer import GroupWriter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 log = logging.getLogger("alfred.store")
 
@@ -106,6 +106,14 @@ CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
 CREATE INDEX IF NOT EXISTS outbox_wamid ON outbox(wamid) WHERE wamid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
 CREATE INDEX IF NOT EXISTS inbox_user ON inbox(tenant, user_id, timestamp);
+CREATE INDEX IF NOT EXISTS outbox_recipient ON outbox(tenant, recipient, created_at);
+CREATE INDEX IF NOT EXISTS outbox_failed ON outbox(created_at) WHERE state = 'failed';
+CREATE TABLE IF NOT EXISTS optouts (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (tenant, user)
+);
 """
 
 _INSERT_INBOX = """
@@ -180,8 +188,8 @@ def _inbox_row(item: InboundItem, now: float) -> tuple[Any, ...]:
 
 
 def _ingest_op(body: ParsedBody, now: float) -> Any:
-    def op(conn: sqlite3.Connection) -> list[InboundItem]:
-        fresh: list[InboundItem] = []
+    def op(conn: sqlite3.Connection) -> list[InboundItem | StatusItem]:
+        fresh: list[InboundItem | StatusItem] = []
         for item in body.messages:
             inserted = conn.execute(_INSERT_INBOX, _inbox_row(item, now)).rowcount == 1
             if inserted and item.tenant is not None:
@@ -189,6 +197,7 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
         for update in body.statuses:
             if conn.execute(_INSERT_STATUS, _status_row(update, now)).rowcount == 1 and update.tenant is not None:
                 outbox.apply_status(conn, update.status)
+                fresh.append(update)
         if body.events:
             events = [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
             conn.executemany(_INSERT_EVENT, events)
@@ -225,9 +234,35 @@ def _complete_op(done: Completion, now: float) -> Any:
         if cur.rowcount == 0:
             return False
         outbox.insert_rows(conn, done.replies, now)
+        if done.consent == "out":
+            conn.execute("INSERT OR REPLACE INTO optouts VALUES (?, ?, ?)", (done.tenant, done.user, now))
+        elif done.consent == "in":
+            conn.execute("DELETE FROM optouts WHERE tenant = ? AND user = ?", (done.tenant, done.user))
         return True
 
     return op
+
+
+#: Both directions of one user's conversation: inbound by phone number or user id, outbound
+#: messages (not receipts) by recipient; each leg limited, merged and cut in Python.
+_CONVERSATION = """
+SELECT * FROM (SELECT 'in' AS direction, type, text, timestamp AS at, NULL AS state, NULL AS payload FROM inbox
+               WHERE tenant = ? AND sender = ? ORDER BY timestamp DESC LIMIT ?)
+UNION ALL
+SELECT * FROM (SELECT 'in', type, text, timestamp, NULL, NULL FROM inbox
+               WHERE tenant = ? AND user_id = ? AND sender IS NULL ORDER BY timestamp DESC LIMIT ?)
+UNION ALL
+SELECT * FROM (SELECT 'out', type, NULL, created_at, state, payload FROM outbox
+               WHERE tenant = ? AND recipient = ? AND type != 'read' ORDER BY created_at DESC LIMIT ?)
+"""
+
+
+def _conversation_item(row: sqlite3.Row) -> dict[str, Any]:
+    item: dict[str, Any] = {"direction": row["direction"], "type": row["type"], "text": row["text"], "at": row["at"]}
+    if row["direction"] == "out":
+        item["state"] = row["state"]
+        item["text"] = outbox.payload_text(row["payload"], row["type"])
+    return item
 
 
 def _pending_item(row: sqlite3.Row) -> InboundItem:
@@ -268,10 +303,10 @@ class SqliteStore:
             self._lock.close()  # closing the descriptor releases the flock
             self._lock = None
 
-    async def ingest(self, body: ParsedBody) -> list[InboundItem]:
+    async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
         if not len(body):
             return []
-        result: list[InboundItem] = await self._writer.submit(_ingest_op(body, self._clock()))
+        result: list[InboundItem | StatusItem] = await self._writer.submit(_ingest_op(body, self._clock()))
         return result
 
     async def complete(self, done: Completion) -> bool:
@@ -350,6 +385,36 @@ class SqliteStore:
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT state, COUNT(*) FROM outbox GROUP BY state", ())
         return {row[0]: int(row[1]) for row in rows}
+
+    async def outbox_by_tenant(self) -> dict[str, dict[str, int]]:
+        rows = await self._fetch("SELECT tenant, state, COUNT(*) FROM outbox GROUP BY tenant, state", ())
+        result: dict[str, dict[str, int]] = {}
+        for tenant, state, count in rows:
+            result.setdefault(tenant, {})[state] = int(count)
+        return result
+
+    async def opted_out(self, tenant: str, user: str) -> bool:
+        rows = await self._fetch("SELECT 1 FROM optouts WHERE tenant = ? AND user = ?", (tenant, user))
+        return bool(rows)
+
+    async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
+        items = [_conversation_item(row) for row in rows]
+        items.sort(key=lambda item: item["at"])
+        return items[-limit:]
+
+    async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            'SELECT id, tenant, recipient AS "to", type, attempts, error_code, error_message, error_details, '
+            "error_fbtrace_id, needs_template, created_at FROM outbox WHERE state = 'failed' "
+            "AND (?1 IS NULL OR tenant = ?1) ORDER BY created_at DESC LIMIT ?2",
+            (tenant, limit),
+        )
+        return [dict(row) for row in rows]
+
+    async def retry_dead(self, ids: list[str] | None, now: float) -> int:
+        result: int = await self._writer.submit(lambda conn: outbox.retry_failed(conn, ids, now))
+        return result
 
     def stats(self) -> dict[str, int]:
         return {"writes": self._writer.writes, "commits": self._writer.groups}

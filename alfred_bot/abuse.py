@@ -1,0 +1,82 @@
+"""Abuse and consent: the per-user inbound limit and the opt-out words.
+
+The limit counts messages by Meta's own `timestamp`, not by when we handle them: a backlog
+replayed after a restart or an outage is judged by when the user really wrote, so a burst of
+old messages is not punished twice and a real flood is caught however slowly we drain it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from alfred_bot.config import LimitsConfig
+from alfred_bot.models import ButtonMessage, Message
+
+PRUNE_EVERY = 300.0
+
+
+class Verdict:
+    """What to do with one message: dispatch it, and whether to send the limit notice."""
+
+    __slots__ = ("allowed", "notify")
+
+    def __init__(self, allowed: bool, notify: bool) -> None:
+        self.allowed = allowed
+        self.notify = notify
+
+
+class InboundLimiter:
+    """At most `per_user` messages per user in any `window` seconds; one notice per window."""
+
+    def __init__(self, per_user: int, window: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_user = per_user
+        self._window = window
+        self._clock = clock
+        self._seen: dict[tuple[str, str], deque[float]] = {}
+        self._noticed: dict[tuple[str, str], float] = {}
+        self._pruned = clock()
+
+    def check(self, tenant: str, user: str, at: float) -> Verdict:
+        """Count a message the user sent at `at` (unix seconds) and judge it."""
+        if self._per_user <= 0:
+            return Verdict(allowed=True, notify=False)
+        self._maybe_prune(at)
+        key = (tenant, user)
+        times = self._seen.setdefault(key, deque())
+        while times and times[0] <= at - self._window:
+            times.popleft()
+        times.append(at)
+        if len(times) <= self._per_user:
+            return Verdict(allowed=True, notify=False)
+        last = self._noticed.get(key)
+        notify = last is None or at - last >= self._window
+        if notify:
+            self._noticed[key] = at
+        return Verdict(allowed=False, notify=notify)
+
+    def _maybe_prune(self, at: float) -> None:
+        """Forget users quiet for a whole window, so memory follows the active users only."""
+        now = self._clock()
+        if now - self._pruned < PRUNE_EVERY:
+            return
+        self._pruned = now
+        stale = [k for k, times in self._seen.items() if not times or times[-1] <= at - self._window]
+        for key in stale:
+            del self._seen[key]
+            self._noticed.pop(key, None)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._seen)
+
+
+def is_opt_out(message: Message, limits: LimitsConfig) -> bool:
+    """A STOP-like text (whole message, any case) or a template button with an opt-out payload."""
+    if isinstance(message, ButtonMessage):
+        return message.button.payload is not None and message.button.payload in limits.opt_out_payloads
+    if message.type != "text" or message.text is None:
+        return False
+    word = message.text.strip().rstrip(".!").strip().casefold()
+    return any(word == k.strip().casefold() for k in limits.opt_out_keywords)

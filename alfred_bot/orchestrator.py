@@ -1,0 +1,148 @@
+"""The bridge to the agent platform: a text message out as an A2A-style envelope, its `response` back.
+
+The call runs in a dispatch worker, never while Meta waits on the webhook. Each attempt is
+bounded by `timeout_seconds`; timeouts, connection failures, 429 and 5xx are retried up to
+`retries` times; a 4xx, a body that is not JSON, or one without a `response` text is not (it
+would fail the same way again). Whatever fails, the caller gets `OrchestratorError` and sends
+the configured fallback, so the user always hears back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from alfred_bot.config import OrchestratorConfig
+
+log = logging.getLogger("alfred.orchestrator")
+
+RETRY_PAUSE = 0.25  # seconds before the first retry; doubles each time
+
+
+class OrchestratorError(Exception):
+    """The orchestrator gave no usable answer; the message says why (never the API key)."""
+
+
+def envelope(
+    *, trace_id: str, text: str, user: str, message_id: str, phone_number: str | None, tenant: str
+) -> dict[str, Any]:
+    """The request body the orchestrator expects."""
+    return {
+        "trace_id": trace_id,
+        "sender_agent": "whatsapp_adapter",
+        "receiver_agent": "orchestrator",
+        "message_type": "orchestration_request",
+        "payload": {
+            "user_message": text,
+            "user_id": user,
+            "session_id": f"whatsapp_{user}",
+            "metadata": {
+                "source": "whatsapp",
+                "message_id": message_id,
+                "phone_number": phone_number,
+                "tenant": tenant,
+            },
+        },
+    }
+
+
+def answer_text(body: bytes) -> str:
+    """The `response` text of an answer (top level, or inside `payload`), else OrchestratorError."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise OrchestratorError("the answer is not JSON") from None
+    if not isinstance(data, dict):
+        raise OrchestratorError("the answer is not a JSON object")
+    payload = data.get("payload")
+    text = data.get("response")
+    if text is None and isinstance(payload, dict):
+        text = payload.get("response")
+    if not isinstance(text, str) or not text.strip():
+        raise OrchestratorError("the answer has no `response` text")
+    return text
+
+
+class _Retryable(Exception):
+    pass
+
+
+class Orchestrator:
+    """One HTTP client to the orchestrator, shared by all dispatch workers."""
+
+    def __init__(self, cfg: OrchestratorConfig, api_key: str | None) -> None:
+        self._cfg = cfg
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._cfg.url)
+
+    async def start(self) -> None:
+        if self.enabled and self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._cfg.timeout_seconds))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def ask(self, request: dict[str, Any]) -> str:
+        """POST `request` (see `envelope`); the answer's text, or OrchestratorError after the retries."""
+        if self._session is None:
+            raise OrchestratorError("the orchestrator is not configured")
+        self.counts["requests"] += 1
+        body = msgspec.json.encode(request)
+        headers = {"Content-Type": "application/json", "X-Trace-Id": str(request.get("trace_id", ""))}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        problem = "no attempt made"
+        for attempt in range(self._cfg.retries + 1):
+            if attempt:
+                self.counts["retries"] += 1
+                await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
+            try:
+                return await self._post(self._session, body, headers)
+            except _Retryable as exc:
+                problem = str(exc)
+                log.warning("orchestrator attempt %d failed: %s", attempt + 1, problem)
+            except OrchestratorError:
+                self.counts["failures"] += 1
+                raise
+        self.counts["failures"] += 1
+        raise OrchestratorError(f"{problem} (after {self._cfg.retries + 1} attempts)")
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> str:
+        try:
+            async with session.post(self._cfg.url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+        except TimeoutError:
+            raise _Retryable(f"no answer within {self._cfg.timeout_seconds:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable(f"connection failed: {type(exc).__name__}") from None
+        if resp.status == 429 or resp.status >= 500:
+            raise _Retryable(f"HTTP {resp.status}")
+        if resp.status >= 400:
+            raise OrchestratorError(f"HTTP {resp.status}")
+        return answer_text(raw)
+
+
+def split_text(text: str, size: int = 4096) -> list[str]:
+    """Cut a long answer into WhatsApp-sized messages, at a line break or space when possible."""
+    parts: list[str] = []
+    rest = text.strip()
+    while len(rest) > size:
+        cut = max(rest.rfind("\n", 0, size), rest.rfind(" ", 0, size))
+        cut = cut if cut > size // 2 else size
+        parts.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        parts.append(rest)
+    return parts
