@@ -54,7 +54,10 @@ def create_app(
     app[keys.STARTED_AT] = time.time()
     app[keys.BODY_BUDGET] = BodyBudget(cfg.webhook.max_inflight_bytes)
     app[keys.TRANSPORT] = transport or _transport(cfg, secrets)
-    app[keys.SENDER] = sender = Sender(app[keys.STORE], app[keys.TRANSPORT], cfg)
+    # tenants with their own token form their own group; the rest share the global token
+    own = secrets.tenant_tokens
+    groups = {name: (t.access_token_env or "") if name in own else "" for name, t in cfg.tenants.items()}
+    app[keys.SENDER] = sender = Sender(app[keys.STORE], app[keys.TRANSPORT], cfg, token_groups=groups)
     app[keys.METERS] = meters = Meters(list(cfg.tenants))
     sender.on_sent = meters.sent
     app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(cfg.orchestrator, secrets.orchestrator_key)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
 from alfred_bot import __version__, commands
 from alfred_bot.app import create_app
@@ -91,6 +92,12 @@ def announce(cfg: Config, secrets: Secrets) -> None:
         log.warning("WHATSAPP_VERIFY_TOKEN is not set: GET /webhook refuses Meta's verification handshake")
     if "ALFRED_API_TOKEN" in missing:
         log.warning("ALFRED_API_TOKEN is not set: /api/* is disabled")
+    for name, tenant in cfg.tenants.items():
+        if name in secrets.tenant_tokens or name in secrets.tenant_app_secrets:
+            log.info("tenant %s uses its own credentials (%s)", name, tenant.access_token_env or tenant.app_secret_env)
+    if cfg.orchestrator.url:
+        where = URL(cfg.orchestrator.url).with_user(None).with_query(None)  # never log credentials in a URL
+        log.info("orchestrator: texts no route claims go to %s", where)
     log.info("storage: %s", cfg.storage.path)
 
 

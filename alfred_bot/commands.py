@@ -356,6 +356,8 @@ def check_config(cfg: Config, secrets: Secrets) -> int:
     for name, tenant in cfg.tenants.items():
         token = tenant.access_token_env if name in secrets.tenant_tokens else "WHATSAPP_ACCESS_TOKEN"
         app_secret = tenant.app_secret_env if name in secrets.tenant_app_secrets else "WHATSAPP_APP_SECRET"
+        if app_secret == "WHATSAPP_APP_SECRET" and not secrets.app_secret_from_env:
+            app_secret = "the sandbox secret file"
         print(
             f"  tenant {name}: phone_number_id {tenant.phone_number_id}, handler {cfg.handler_for(name)} "
             f"({routers[name].name or 'unnamed router'}), token from {token if secrets.token_for(name) else 'none'}, "

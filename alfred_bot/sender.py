@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -77,8 +77,11 @@ class Sender:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        token_groups: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
+        # Tenants that send with the same access token: a token error pauses all of them.
+        self._token_groups = dict(token_groups or {})
         self._transport = transport
         self._out = cfg.outbound
         self._clock = clock
@@ -294,11 +297,13 @@ class Sender:
     # ------------------------------------------------------------------ pauses
 
     def _pause(self, tenant: str, d: Decision) -> None:
-        """Token errors pause every tenant (they share the token); other pauses only this one."""
+        """Token errors pause every tenant using the same token; other pauses only this one."""
         token = d.code in TOKEN_CODES or (d.code is None and d.outcome is Outcome.PAUSE_TENANT)
         kind = "token" if d.outcome is Outcome.PAUSE_TENANT else "account"
         reason = f"Graph error {d.code}: {d.message}" if d.code is not None else (d.message or "unauthorised")
-        for name in self._lanes if token else (tenant,):
+        group = self._token_groups.get(tenant, "")
+        sharing = [name for name in self._lanes if self._token_groups.get(name, "") == group]
+        for name in sharing if token else [tenant]:
             if name not in self.pauses:
                 self.pauses[name] = Pause(kind, reason, d.code, self._clock())
                 log.error("PAUSED all sends of tenant %s (%s); queued messages wait", name, reason)
