@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from alfred_bot import __version__, keys
 from alfred_bot.config import Config
@@ -51,11 +52,12 @@ async def healthz(request: web.Request) -> web.Response:
     dispatcher = app[keys.DISPATCHER]
     store, sender = app[keys.STORE], app[keys.SENDER]
     store_ok = await store.healthy()
-    ok = store_ok and dispatcher.running and sender.running
+    draining = app[keys.DRAINING].is_set()
+    ok = store_ok and dispatcher.running and sender.running and not draining
     outbox = await store.outbox_counts() if store_ok else {}
     stats: dict[str, int] = dict(app[keys.STATS].items())
     body = {
-        "status": "ok" if ok else "unavailable",
+        "status": "ok" if ok else ("draining" if draining else "unavailable"),
         "mode": app[keys.SECRETS].mode,
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
@@ -273,3 +275,29 @@ async def _media_form(request: web.Request) -> tuple[str, str, bytes, str, str] 
         return _invalid("tenant", f"unknown tenant {tenant!r} (have: {', '.join(cfg.tenants)})")
     kind = str(form.get("kind") or upload.content_type.split("/", 1)[0])
     return tenant, kind, upload.file.read(), upload.content_type, upload.filename or "file"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; gauges that mirror the store and the queues are refreshed first."""
+    app = request.app
+    m, sender = app[keys.METRICS], app[keys.SENDER]
+    if await app[keys.STORE].healthy():
+        for tenant, states in (await app[keys.STORE].outbox_by_tenant()).items():
+            for state, count in states.items():
+                m.outbox.labels(tenant, state).set(count)
+    m.dispatch_queue.set(app[keys.DISPATCHER].queue.qsize())
+    for tenant, depth in sender.queue_depths().items():
+        m.send_queue.labels(tenant).set(depth)
+    for tenant in app[keys.CONFIG].tenants:
+        m.paused.labels(tenant).set(1 if tenant in sender.pauses else 0)
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def audit(request: web.Request) -> web.Response:
+    """The audit trail of Graph API calls, newest first (`?tenant=`, `?outbox_id=`, `?limit=`)."""
+    limit = _limit(request)
+    if isinstance(limit, web.Response):
+        return limit
+    query = request.query
+    rows = await request.app[keys.STORE].audit(limit, query.get("tenant"), query.get("outbox_id"))
+    return json_response(rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from alfred_bot.config import Config, Secrets
+from alfred_bot.privacy import mask
 from alfred_bot.router import routers_for
 from alfred_bot.security import sign
 from alfred_bot.simulate import KINDS, simulated_body
@@ -338,14 +339,6 @@ def _retry_locally(cfg: Config, ids: list[str] | None) -> int:
     return 0
 
 
-def mask(user: str) -> str:
-    """`15551230123` → `+15•••••0123`: enough to recognise, not enough to harvest."""
-    digits = user.lstrip("+")
-    if not digits.isdigit() or len(digits) < 7:
-        return user[:3] + "•••" if len(user) > 3 else "•••"
-    return f"+{digits[:2]}{'•' * (len(digits) - 6)}{digits[-4:]}"
-
-
 # ---------------------------------------------------------------------------- check-config
 
 
@@ -355,13 +348,13 @@ def check_config(cfg: Config, secrets: Secrets) -> int:
     print(f"config ok: {secrets.mode} mode, storage {cfg.storage.path}")
     for name, tenant in cfg.tenants.items():
         token = tenant.access_token_env if name in secrets.tenant_tokens else "WHATSAPP_ACCESS_TOKEN"
-        app_secret = tenant.app_secret_env if name in secrets.tenant_app_secrets else "WHATSAPP_APP_SECRET"
-        if app_secret == "WHATSAPP_APP_SECRET" and not secrets.app_secret_from_env:
-            app_secret = "the sandbox secret file"
+        signed_by = tenant.app_secret_env if name in secrets.tenant_app_secrets else "WHATSAPP_APP_SECRET"
+        if name not in secrets.tenant_app_secrets and not secrets.app_secret_from_env:
+            signed_by = "the sandbox secret file"
         print(
             f"  tenant {name}: phone_number_id {tenant.phone_number_id}, handler {cfg.handler_for(name)} "
             f"({routers[name].name or 'unnamed router'}), token from {token if secrets.token_for(name) else 'none'}, "
-            f"app secret from {app_secret}"
+            f"app secret from {signed_by}"
         )
     orch = cfg.orchestrator
     key = f" (key from {orch.api_key_env})" if secrets.orchestrator_key else ""

@@ -141,6 +141,14 @@ class MediaConfig(_Section, frozen=True):
     max_download_bytes: int = 100 * 1024 * 1024
 
 
+class RetentionConfig(_Section, frozen=True):
+    """Personal data: scrubbed (texts removed, numbers pseudonymised) after hot_days, rows deleted after delete_days."""
+
+    hot_days: float = 30.0
+    delete_days: float = 90.0
+    interval_seconds: float = 3600.0
+
+
 class TenantConfig(_Section, frozen=True):
     """One WhatsApp business phone number served by this process.
 
@@ -168,6 +176,7 @@ class Config(_Section, frozen=True):
     orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=dict)
 
     def handler_for(self, tenant: str) -> str:
@@ -405,6 +414,12 @@ def _check_sections(cfg: Config) -> None:
         (all(k.strip() for k in limits.opt_out_keywords), "limits.opt_out_keywords: must not contain empty words"),
         (cfg.media.retention_days > 0, "media.retention_days: must be > 0"),
         (cfg.media.max_download_bytes >= 1024, "media.max_download_bytes: must be at least 1024"),
+        (cfg.retention.hot_days >= 1, "retention.hot_days: must be at least 1"),
+        (
+            cfg.retention.delete_days >= max(8.0, cfg.retention.hot_days),
+            "retention.delete_days: must be at least 8 (Meta redelivers for 7 days) and at least hot_days",
+        ),
+        (cfg.retention.interval_seconds > 0, "retention.interval_seconds: must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

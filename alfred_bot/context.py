@@ -85,6 +85,8 @@ class Outgoing:
 
     tenant: str
     replies: list[OutboxRow]
+    trace_id: str = ""
+    origin_at: float | None = None
 
     @property
     def to(self) -> str:
@@ -228,6 +230,8 @@ class Outgoing:
             type=kind,
             payload=msgspec.json.encode(payload),
             source_event_id=self._source(),
+            trace_id=self.trace_id or None,
+            origin_at=self.origin_at,
         )
         self.replies.append(row)
         return row.id
@@ -248,7 +252,11 @@ class Context(Outgoing):
         contact: Contact | None,
         services: Services | None = None,
         early: Callable[[OutboxRow], None] | None = None,
+        trace_id: str = "",
+        received_at: float | None = None,
     ) -> None:
+        self.trace_id = trace_id
+        self.origin_at = received_at or None
         self.tenant = tenant
         self.phone_number_id = phone_number_id
         self.message = message

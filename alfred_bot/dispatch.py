@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from alfred_bot.abuse import InboundLimiter, is_opt_out
 from alfred_bot.config import Config
 from alfred_bot.context import Context, Services, StatusContext
+from alfred_bot.logs import bound, new_trace_id
+from alfred_bot.metrics import Metrics
 from alfred_bot.models import Message
 from alfred_bot.orchestrator import Orchestrator, OrchestratorError, envelope, split_text
 from alfred_bot.parse import InboundItem, StatusItem
@@ -45,7 +46,9 @@ class Dispatcher:
         on_replies: Callable[[], None] | None = None,
         orchestrator: Orchestrator | None = None,
         services: Services | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._on_replies = on_replies
         self._routers = routers
@@ -168,8 +171,10 @@ class Dispatcher:
                 self.queue.task_done()
 
     async def _guarded(self, item: InboundItem) -> None:
+        trace_id = item.trace_id or new_trace_id()
         try:
-            await self._handle(item)
+            with bound(trace_id=trace_id, tenant=item.tenant, message_id=item.message.id):
+                await self._handle(item)
         except Exception:  # a bug here must not kill the worker; the message stays pending
             log.exception("dispatch of %s failed; it stays pending", item.message.id)
             self._retry_later()
@@ -211,6 +216,8 @@ class Dispatcher:
             contact=item.contact,
             services=self._services,
             early=self._send_early,
+            trace_id=item.trace_id,
+            received_at=item.received_at,
         )
         gate = self._gate(ctx)
         if gate is not None:
@@ -226,7 +233,9 @@ class Dispatcher:
             if task is not None and task.cancelling():
                 raise  # we are being stopped: the message stays pending
             return self._failed(ctx, exc)
-        log.debug("handled %s in %.1f ms", message.id, (time.perf_counter() - started) * 1000)
+        elapsed = time.perf_counter() - started
+        self._metrics.handler_latency.labels(tenant).observe(elapsed)
+        log.debug("handled %s in %.1f ms", message.id, elapsed * 1000)
         return self._completion(ctx, "handled")
 
     def _send_early(self, row: OutboxRow) -> None:
@@ -288,7 +297,7 @@ class Dispatcher:
         assert self._orchestrator is not None
         ctx.mark_read(typing=True)
         request = envelope(
-            trace_id=uuid.uuid4().hex,
+            trace_id=ctx.trace_id or new_trace_id(),
             text=message.text or "",
             user=ctx.recipient,
             message_id=message.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from aiohttp import web
@@ -10,7 +11,9 @@ from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import Transport
 from alfred_bot.meters import Meters
+from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
+from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget
 from alfred_bot.sender import Sender
@@ -30,5 +33,9 @@ TENANTS = web.AppKey("tenants", dict[str, str])
 STATS = web.AppKey("stats", Counter[str])
 STARTED_AT = web.AppKey("started_at", float)
 METERS = web.AppKey("meters", Meters)
+METRICS = web.AppKey("metrics", Metrics)
+RETENTION = web.AppKey("retention", Retention)
+#: Set when shutdown starts: webhooks answer 503 (Meta redelivers) while work drains.
+DRAINING = web.AppKey("draining", asyncio.Event)
 #: Bytes of not-yet-verified webhook bodies held in memory (bounded, see webhook.BodyBudget).
 BODY_BUDGET = web.AppKey("body_budget", BodyBudget)

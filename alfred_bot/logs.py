@@ -1,17 +1,60 @@
 """Structured logging: one JSON object per line (or plain text for a terminal).
 
 Loggers are named `alfred.<part>`; extra fields passed with `extra={...}` become JSON keys.
-Messages never carry secrets or message texts: callers log ids, counts and reasons.
+`trace_id`, `tenant` and `message_id` come from context variables set where work starts (the
+webhook, a dispatch worker, a send worker), so every line a message causes carries its trace id
+without anyone passing it around. Messages never carry secrets or message texts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
+
+TRACE_ID: ContextVar[str | None] = ContextVar("trace_id", default=None)
+TENANT: ContextVar[str | None] = ContextVar("tenant", default=None)
+MESSAGE_ID: ContextVar[str | None] = ContextVar("message_id", default=None)
+_CONTEXT = (("trace_id", TRACE_ID), ("tenant", TENANT), ("message_id", MESSAGE_ID))
+_TRACE_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_trace_id(given: str | None = None) -> str:
+    """The caller's `X-Trace-Id` when it is a sane token, else a fresh one (never log raw headers)."""
+    if given and _TRACE_SHAPE.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def bound(trace_id: str | None = None, tenant: str | None = None, message_id: str | None = None) -> Iterator[None]:
+    """Tag every log line inside the block (in this task) with these ids."""
+    pairs = ((TRACE_ID, trace_id), (TENANT, tenant), (MESSAGE_ID, message_id))
+    tokens = [(var, var.set(value)) for var, value in pairs]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Copy the context ids onto each record (unless the call passed its own in `extra`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in _CONTEXT:
+            value = var.get()
+            if value is not None and not hasattr(record, name):
+                setattr(record, name, value)
+        return True
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -37,10 +80,11 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Send all `alfred.*` (and library) logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))  # ids: json only
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

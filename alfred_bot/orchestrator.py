@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from alfred_bot.config import OrchestratorConfig
+from alfred_bot.metrics import Metrics
 
 log = logging.getLogger("alfred.orchestrator")
 
@@ -75,7 +76,8 @@ class _Retryable(Exception):
 class Orchestrator:
     """One HTTP client to the orchestrator, shared by all dispatch workers."""
 
-    def __init__(self, cfg: OrchestratorConfig, api_key: str | None) -> None:
+    def __init__(self, cfg: OrchestratorConfig, api_key: str | None, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()
         self._cfg = cfg
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
@@ -107,17 +109,25 @@ class Orchestrator:
         for attempt in range(self._cfg.retries + 1):
             if attempt:
                 self.counts["retries"] += 1
+                self._metrics.orchestrator.labels("retry").inc()
                 await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
             try:
-                return await self._post(self._session, body, headers)
+                answer = await self._post(self._session, body, headers)
             except _Retryable as exc:
                 problem = str(exc)
                 log.warning("orchestrator attempt %d failed: %s", attempt + 1, problem)
             except OrchestratorError:
-                self.counts["failures"] += 1
+                self._failed()
                 raise
-        self.counts["failures"] += 1
+            else:
+                self._metrics.orchestrator.labels("ok").inc()
+                return answer
+        self._failed()
         raise OrchestratorError(f"{problem} (after {self._cfg.retries + 1} attempts)")
+
+    def _failed(self) -> None:
+        self.counts["failures"] += 1
+        self._metrics.orchestrator.labels("failed").inc()
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> str:
         try:

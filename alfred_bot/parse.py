@@ -56,6 +56,8 @@ class InboundItem(msgspec.Struct, frozen=True):
     message: Message
     contact: Contact | None
     raw: bytes
+    trace_id: str = ""  # of the webhook that carried it: follows the message to its replies
+    received_at: float = 0.0  # when our webhook received it (for end-to-end latency)
 
 
 class StatusItem(msgspec.Struct, frozen=True):
@@ -107,6 +109,8 @@ class ParsedBody(msgspec.Struct):
     statuses: list[StatusItem] = msgspec.field(default_factory=list)
     events: list[EventItem] = msgspec.field(default_factory=list)
     rejected: list[RejectedItem] = msgspec.field(default_factory=list)
+    trace_id: str = ""
+    received_at: float = 0.0
 
     @property
     def skipped(self) -> int:
@@ -160,10 +164,10 @@ def _decode_envelope(body: bytes) -> Envelope:
         raise EnvelopeError("body is nested too deeply") from None
 
 
-def parse_body(body: bytes, tenants: Mapping[str, str]) -> ParsedBody:
+def parse_body(body: bytes, tenants: Mapping[str, str], *, trace_id: str = "", received_at: float = 0.0) -> ParsedBody:
     """Decode a whole webhook body. `tenants` maps phone_number_id to tenant name."""
     envelope = _decode_envelope(body)
-    out = ParsedBody()
+    out = ParsedBody(trace_id=trace_id, received_at=received_at)
     for raw_entry in envelope.entry:
         try:
             entry = _entry.decode(raw_entry)
@@ -252,4 +256,5 @@ def _add_message(raw: msgspec.Raw, pnid: str, tenant: str | None, contacts: list
     except (MalformedItem, RecursionError) as exc:
         _skip(out, "message", exc, bytes(raw))
         return
-    out.messages.append(InboundItem(pnid, tenant, message, _contact_for(message, contacts), bytes(raw)))
+    contact = _contact_for(message, contacts)
+    out.messages.append(InboundItem(pnid, tenant, message, contact, bytes(raw), out.trace_id, out.received_at))

@@ -25,8 +25,11 @@ import msgspec
 from alfred_bot.config import Config, OutboundConfig
 from alfred_bot.decide import TOKEN_CODES, Decision, Outcome, backoff
 from alfred_bot.graph import Transport
+from alfred_bot.logs import bound
+from alfred_bot.metrics import Metrics
+from alfred_bot.privacy import mask
 from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
-from alfred_bot.store import OutboxJob, Settlement, Store
+from alfred_bot.store import AuditEntry, OutboxJob, Settlement, Store
 from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.sender")
@@ -78,7 +81,10 @@ class Sender:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         token_groups: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
+        self._audit: dict[str, AuditEntry] = {}  # per claimed row: its Graph call, until settled
         self._store = store
         # Tenants that send with the same access token: a token error pauses all of them.
         self._token_groups = dict(token_groups or {})
@@ -98,6 +104,7 @@ class Sender:
         self.counts: Counter[str] = Counter()
         self.on_sent: Callable[[str], None] | None = None  # told the tenant of each accepted send
         self._held: set[str] = set()  # rows claimed by this process and not settled yet
+        self._cut_off: list[OutboxJob] = []  # sends cancelled by a stop, maybe already on the wire
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,6 +130,10 @@ class Sender:
     def queued(self) -> int:
         return sum(lane.queue.qsize() for lane in self._lanes.values())
 
+    def queue_depths(self) -> dict[str, int]:
+        """Claimed sends waiting for a worker, per tenant."""
+        return {name: lane.queue.qsize() for name, lane in self._lanes.items()}
+
     def wake(self) -> None:
         """New rows were queued: claim now rather than at the next poll."""
         self._wake.set()
@@ -136,6 +147,14 @@ class Sender:
             while not lane.queue.empty():
                 job = lane.queue.get_nowait()
                 await self._settle(Settlement(id=job.id, state="queued", attempts=job.attempts, refund=True))
+        # Cancelled mid-send: Meta may have it, so the attempt counts, but the lease is released
+        # so the next start retries at once instead of after the lease (~50 s); at-least-once either way.
+        for job in self._cut_off:
+            await self._settle(Settlement(id=job.id, state="queued", attempts=job.attempts))
+        if self._cut_off:
+            count = len(self._cut_off)
+            log.warning("%d send(s) cut off by the shutdown are queued again (a duplicate is possible)", count)
+        self._cut_off.clear()
 
     # ------------------------------------------------------------------ pump
 
@@ -190,7 +209,11 @@ class Sender:
             self._room.set()
             self._busy.add(current)
             try:
-                await self._send(lane, job)
+                with bound(trace_id=job.trace_id, tenant=lane.tenant, message_id=job.id):
+                    await self._send(lane, job)
+            except asyncio.CancelledError:
+                self._cut_off.append(job)  # stop() releases its lease
+                raise
             except Exception:  # the row stays leased and comes back when the lease ends
                 log.exception("send of outbox row %s failed unexpectedly", job.id)
             finally:
@@ -209,6 +232,7 @@ class Sender:
             await self._put_back(job, wait)
             return
         slot = lane.limiter.reserve()
+        self._metrics.ratelimit_wait.labels(lane.tenant).observe(max(0.0, slot))
         if slot > 0:
             self.counts["paced_waits"] += 1
             await asyncio.sleep(slot)
@@ -220,7 +244,24 @@ class Sender:
             lane.limiter.observe_lag(self._monotonic() - started)
 
         decision = await self._transport.send(lane.phone_number_id, job.payload, on_wire)
+        self._record(lane, job, decision, self._monotonic() - started)
         await self._apply(lane, job, decision)
+
+    def _record(self, lane: _Lane, job: OutboxJob, d: Decision, seconds: float) -> None:
+        """Metrics, the status page's latency view and the audit entry of one Graph call."""
+        self._metrics.send_done(lane.tenant, str(d.outcome), seconds, d.code)
+        if d.outcome is Outcome.SENT and job.origin_at and job.type not in RECEIPT_TYPES:
+            self._metrics.e2e_latency.labels(lane.tenant).observe(max(0.0, self._clock() - job.origin_at))
+        self._audit[job.id] = AuditEntry(
+            tenant=lane.tenant,
+            type=job.type,
+            recipient=mask(job.recipient),
+            http_status=d.http_status,
+            error_code=d.code,
+            fbtrace_id=d.fbtrace_id,
+            latency_ms=round(seconds * 1000, 2),
+            outcome=str(d.outcome),
+        )
 
     async def _put_back(self, job: OutboxJob, wait: float) -> None:
         """Not sent (paused, or the user's pair budget is spent): back to the queue, attempt refunded."""
@@ -290,6 +331,9 @@ class Sender:
         await self._settle(_with_error(queued, d))
 
     async def _settle(self, result: Settlement) -> None:
+        audit = self._audit.pop(result.id, None)
+        if audit is not None:
+            result = msgspec.structs.replace(result, audit=audit)
         await self._store.settle(result, self._clock())
         if result.state == "queued":
             self.wake()  # the pump re-reads the next due time instead of sleeping a full poll

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
 
 from alfred_bot import keys
 from alfred_bot.config import Secrets
+from alfred_bot.logs import bound, new_trace_id
 from alfred_bot.parse import EnvelopeError, InboundItem, ParsedBody, parse_body
 from alfred_bot.security import signature_scopes, token_ok
 from alfred_bot.store import StoreError
@@ -40,6 +42,7 @@ async def verify(request: web.Request) -> web.Response:
 
 def _refuse(request: web.Request, status: int, reason: str) -> web.Response:
     request.app[keys.STATS][f"webhook_{status}"] += 1
+    request.app[keys.METRICS].webhook_requests.labels(str(status)).inc()
     log.warning("webhook refused with %d: %s", status, reason)
     response = web.Response(status=status, text=reason)
     if status in (408, 413):
@@ -68,8 +71,24 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
 
 
 async def receive(request: web.Request) -> web.Response:
-    """Accept one POST of updates: 200 only once every update in it is committed."""
+    """Accept one POST of updates: 200 only once every update in it is committed.
+
+    Every log line it causes (here, in dispatch and in the sends of its replies) carries one
+    trace id: the caller's `X-Trace-Id` when sane, else a new one; it is echoed in the answer.
+    """
+    trace_id = new_trace_id(request.headers.get("X-Trace-Id"))
+    with bound(trace_id=trace_id):
+        if request.app[keys.DRAINING].is_set():
+            response = _refuse(request, 503, "shutting down: Meta will redeliver")
+        else:
+            response = await _receive(request, trace_id)
+    response.headers["X-Trace-Id"] = trace_id
+    return response
+
+
+async def _receive(request: web.Request, trace_id: str) -> web.Response:
     app = request.app
+    received_at = time.time()
     header = request.headers.get("X-Hub-Signature-256")
     if not header:
         return _refuse(request, 403, "missing X-Hub-Signature-256")
@@ -82,7 +101,7 @@ async def receive(request: web.Request) -> web.Response:
         return _refuse(request, 403, "invalid signature")
     try:
         tenants = app[keys.TENANTS]
-        parsed = parse_body(body, tenants)
+        parsed = parse_body(body, tenants, trace_id=trace_id, received_at=received_at)
     except EnvelopeError as exc:
         return _refuse(request, 400, str(exc))
     foreign = _outside_scope(parsed, scopes, frozenset(secrets.tenant_app_secrets))
@@ -126,15 +145,20 @@ async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
         log.exception("webhook not stored (unexpected error), Meta will retry")
         return _refuse(request, 503, "temporarily unable to store the update")
     app[keys.DISPATCHER].offer(fresh)
-    meters = app[keys.METERS]
+    meters, metrics = app[keys.METERS], app[keys.METRICS]
     for item in fresh:
         if isinstance(item, InboundItem):
             meters.received(item.tenant)
+            metrics.inbound_messages.labels(item.tenant or "", item.message.type).inc()
     _count(app, parsed, sum(1 for item in fresh if isinstance(item, InboundItem)))
     return web.Response(text="OK")
 
 
 def _count(app: web.Application, parsed: ParsedBody, fresh: int) -> None:
+    metrics = app[keys.METRICS]
+    metrics.webhook_requests.labels("200").inc()
+    for event in parsed.events:
+        metrics.events.labels(event.tenant or "", event.field).inc()
     stats = app[keys.STATS]
     stats["webhook_200"] += 1
     stats["messages_new"] += fresh

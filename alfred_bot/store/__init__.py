@@ -1,6 +1,7 @@
 """Durable storage behind a small interface (`Store`); SQLite is the embedded default."""
 
 from alfred_bot.store.base import (
+    AuditEntry,
     Completion,
     InboxState,
     OutboxJob,
@@ -13,6 +14,7 @@ from alfred_bot.store.base import (
 from alfred_bot.store.sqlite import SqliteStore
 
 __all__ = [
+    "AuditEntry",
     "Completion",
     "InboxState",
     "OutboxJob",

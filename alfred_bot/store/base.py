@@ -34,6 +34,8 @@ class OutboxRow(msgspec.Struct, frozen=True):
     payload: bytes
     source_event_id: str | None = None
     priority: int = 0  # 0: conversation (replies, receipts); 1: business-initiated (API)
+    trace_id: str | None = None
+    origin_at: float | None = None  # when the cause arrived (webhook or API call): end-to-end latency
 
 
 class OutboxJob(msgspec.Struct, frozen=True):
@@ -46,6 +48,21 @@ class OutboxJob(msgspec.Struct, frozen=True):
     payload: bytes
     attempts: int
     created_at: float
+    trace_id: str | None = None
+    origin_at: float | None = None
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One Graph API call, for the audit trail (the recipient is stored masked)."""
+
+    tenant: str
+    type: str
+    recipient: str
+    http_status: int | None
+    error_code: int | None
+    fbtrace_id: str | None
+    latency_ms: float
+    outcome: str
 
 
 class Settlement(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +84,7 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     error_fbtrace_id: str | None = None
     error_http_status: int | None = None
     needs_template: bool = False
+    audit: AuditEntry | None = None  # the Graph call this settles, written in the same transaction
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -146,6 +164,12 @@ class Store(Protocol):
     async def outbox_by_tenant(self) -> dict[str, dict[str, int]]:
         """Outbox rows by tenant, then by state."""
 
+    async def delivery(self, since: float) -> dict[str, dict[str, int]]:
+        """Per tenant, messages sent since `since` and how many of them were delivered and read."""
+
+    async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
+        """Inbound messages whose handler failed, newest first."""
+
     async def opted_out(self, tenant: str, user: str) -> bool:
         """True while the user has opted out of business-initiated messages from this tenant."""
 
@@ -154,6 +178,15 @@ class Store(Protocol):
 
     async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
         """Sends that failed for good, newest first."""
+
+    async def audit(self, limit: int, tenant: str | None = None, outbox_id: str | None = None) -> list[dict[str, Any]]:
+        """Graph API calls, newest first."""
+
+    async def scrub(self, key: bytes, cutoff: float) -> int:
+        """Remove texts and raw bodies and pseudonymise numbers in one batch of rows older than `cutoff`."""
+
+    async def purge(self, cutoff: float) -> int:
+        """Delete one batch of finished rows older than `cutoff`; 0 when nothing is left."""
 
     async def retry_dead(self, ids: list[str] | None, now: float) -> int:
         """Queue failed sends again (all of them when `ids` is None); return how many."""

@@ -20,8 +20,9 @@ RANK = {"queued": 0, "sending": 0, "sent": 1, "delivered": 2, "read": 3, "played
 _STAMP = {"delivered": "delivered_at", "read": "read_at", "played": "read_at"}
 
 _INSERT = """
-INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id, priority)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
+INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id, priority,
+                    trace_id, origin_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
 """
 _PENDING = "state IN ('queued', 'sending')"
 #: A settle applies only to the claim it answers: same row, still leased, same attempt.
@@ -31,7 +32,20 @@ _ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_i
 
 def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[OutboxRow], now: float) -> None:
     values = [
-        (r.id, r.idem_key, r.tenant, r.recipient, r.type, r.payload, now, now, r.source_event_id, r.priority)
+        (
+            r.id,
+            r.idem_key,
+            r.tenant,
+            r.recipient,
+            r.type,
+            r.payload,
+            now,
+            now,
+            r.source_event_id,
+            r.priority,
+            r.trace_id,
+            r.origin_at,
+        )
         for r in rows
     ]
     conn.executemany(_INSERT, values)
@@ -64,11 +78,11 @@ def claim(
             f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
             f"AND e.{_PENDING} AND e.rowid < o.rowid) "
             "ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) "
-            "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at",
+            "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at",
             (now + lease, tenant, now, *sorted(held), quota),
         ).fetchall()
         rows.sort(key=lambda r: r[0])
-        jobs.extend(OutboxJob(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows)
+        jobs.extend(OutboxJob(*r[1:]) for r in rows)
     return jobs
 
 
@@ -85,8 +99,22 @@ def _error_values(r: Settlement) -> tuple[Any, ...]:
     return (r.error_code, r.error_message, r.error_details, r.error_fbtrace_id, r.error_http_status)
 
 
+_AUDIT = """
+INSERT INTO audit (at, tenant, outbox_id, type, recipient, http_status, error_code, fbtrace_id, latency_ms, outcome,
+                   trace_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT trace_id FROM outbox WHERE id = ?))
+"""
+
+
 def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
-    """Record one send's end; ignored unless the row is still leased (`sending`)."""
+    """Record one send's end (and its audit entry); ignored unless the row is still leased (`sending`)."""
+    if r.audit is not None:
+        a = r.audit
+        conn.execute(
+            _AUDIT,
+            (now, a.tenant, r.id, a.type, a.recipient, a.http_status, a.error_code, a.fbtrace_id, a.latency_ms,
+             a.outcome, r.id),
+        )
     if r.state == "sent":
         cur = conn.execute(
             f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",

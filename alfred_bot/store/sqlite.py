@@ -17,7 +17,7 @@ import aiosqlite
 
 from alfred_bot.models import Contact, Profile
 from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem, decode_message
-from alfred_bot.store import outbox
+from alfred_bot.store import outbox, retention
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
 from alfred_bot.store.writer import GroupWriter
 
@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     state TEXT NOT NULL,
     error TEXT,
     received_at REAL NOT NULL,
-    handled_at REAL
+    handled_at REAL,
+    trace_id TEXT
 );
 CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(seq) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS statuses (
@@ -97,7 +98,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     needs_template INTEGER NOT NULL DEFAULT 0,
     sent_at REAL,
     delivered_at REAL,
-    read_at REAL
+    read_at REAL,
+    trace_id TEXT,
+    origin_at REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(tenant, due_at) WHERE state IN ('queued', 'sending');
 CREATE INDEX IF NOT EXISTS outbox_claim ON outbox(tenant, priority, due_at) WHERE state IN ('queued', 'sending');
@@ -108,6 +111,26 @@ CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
 CREATE INDEX IF NOT EXISTS inbox_user ON inbox(tenant, user_id, timestamp);
 CREATE INDEX IF NOT EXISTS outbox_recipient ON outbox(tenant, recipient, created_at);
 CREATE INDEX IF NOT EXISTS outbox_failed ON outbox(created_at) WHERE state = 'failed';
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    tenant TEXT NOT NULL,
+    outbox_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    http_status INTEGER,
+    error_code INTEGER,
+    fbtrace_id TEXT,
+    latency_ms REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    trace_id TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_outbox ON audit(outbox_id);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_at);
+CREATE INDEX IF NOT EXISTS inbox_failed ON inbox(seq) WHERE state = 'failed';
+CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(sent_at) WHERE sent_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS statuses_received ON statuses(received_at);
 CREATE TABLE IF NOT EXISTS optouts (
     tenant TEXT NOT NULL,
     user TEXT NOT NULL,
@@ -118,8 +141,8 @@ CREATE TABLE IF NOT EXISTS optouts (
 
 _INSERT_INBOX = """
 INSERT INTO inbox (event_id, tenant, phone_number_id, sender, user_id, wa_id, name, type,
-                   timestamp, text, context_id, raw, state, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   timestamp, text, context_id, raw, state, received_at, trace_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(event_id) DO NOTHING
 """
 _INSERT_STATUS = """
@@ -147,12 +170,24 @@ def connect_writer(path: Path) -> sqlite3.Connection:
     return conn
 
 
+#: Steps from version N-1 to N for columns `CREATE TABLE IF NOT EXISTS` cannot add to old tables.
+_MIGRATIONS = {
+    2: "ALTER TABLE inbox ADD COLUMN trace_id TEXT; ALTER TABLE outbox ADD COLUMN trace_id TEXT; "
+    "ALTER TABLE outbox ADD COLUMN origin_at REAL;",
+}
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
+    """Create a new database, or bring an older one forward one version at a time (each atomic)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreError(f"database schema v{version} is newer than this Alfred (v{SCHEMA_VERSION})")
-    if version < SCHEMA_VERSION:
+    if version == 0:
         conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        return
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        log.warning("migrating the database schema to v%d", step)
+        conn.executescript(f"BEGIN; {_MIGRATIONS[step]} {_SCHEMA} PRAGMA user_version={step}; COMMIT;")
 
 
 def _lock_database(path: Path) -> IO[bytes]:
@@ -184,6 +219,7 @@ def _inbox_row(item: InboundItem, now: float) -> tuple[Any, ...]:
         item.raw,
         "pending" if item.tenant is not None else "unrouted",
         now,
+        item.trace_id or None,
     )
 
 
@@ -270,7 +306,9 @@ def _pending_item(row: sqlite3.Row) -> InboundItem:
     if row["name"] is not None or row["wa_id"] is not None or row["user_id"] is not None:
         profile = Profile(name=row["name"]) if row["name"] is not None else None
         contact = Contact(profile=profile, wa_id=row["wa_id"], user_id=row["user_id"])
-    return InboundItem(row["phone_number_id"], row["tenant"], decode_message(row["raw"]), contact, row["raw"])
+    message = decode_message(row["raw"])
+    trace = row["trace_id"] or ""
+    return InboundItem(row["phone_number_id"], row["tenant"], message, contact, row["raw"], trace, row["received_at"])
 
 
 class SqliteStore:
@@ -323,7 +361,7 @@ class SqliteStore:
 
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
         rows = await self._fetch(
-            "SELECT seq, tenant, phone_number_id, raw, name, wa_id, user_id FROM inbox "
+            "SELECT seq, tenant, phone_number_id, raw, name, wa_id, user_id, trace_id, received_at FROM inbox "
             "WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
@@ -393,6 +431,22 @@ class SqliteStore:
             result.setdefault(tenant, {})[state] = int(count)
         return result
 
+    async def delivery(self, since: float) -> dict[str, dict[str, int]]:
+        rows = await self._fetch(
+            "SELECT tenant, COUNT(*), COUNT(delivered_at), COUNT(read_at) FROM outbox "
+            "WHERE sent_at >= ? AND type != 'read' GROUP BY tenant",
+            (since,),
+        )
+        return {t: {"sent": int(n), "delivered": int(d), "read": int(r)} for t, n, d, r in rows}
+
+    async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            'SELECT event_id AS id, tenant, sender AS "from", name, text, error, handled_at AS at '
+            "FROM inbox WHERE state = 'failed' ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(row) for row in rows]
+
     async def opted_out(self, tenant: str, user: str) -> bool:
         rows = await self._fetch("SELECT 1 FROM optouts WHERE tenant = ? AND user = ?", (tenant, user))
         return bool(rows)
@@ -411,6 +465,23 @@ class SqliteStore:
             (tenant, limit),
         )
         return [dict(row) for row in rows]
+
+    async def audit(self, limit: int, tenant: str | None = None, outbox_id: str | None = None) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT at, tenant, outbox_id, type, recipient, http_status, error_code, fbtrace_id, latency_ms, "
+            "outcome, trace_id FROM audit WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR outbox_id = ?2) "
+            "ORDER BY seq DESC LIMIT ?3",
+            (tenant, outbox_id, limit),
+        )
+        return [dict(row) for row in rows]
+
+    async def scrub(self, key: bytes, cutoff: float) -> int:
+        result: int = await self._writer.submit(lambda conn: retention.scrub_batch(conn, key, cutoff))
+        return result
+
+    async def purge(self, cutoff: float) -> int:
+        result: int = await self._writer.submit(lambda conn: retention.delete_batch(conn, cutoff))
+        return result
 
     async def retry_dead(self, ids: list[str] | None, now: float) -> int:
         result: int = await self._writer.submit(lambda conn: outbox.retry_failed(conn, ids, now))

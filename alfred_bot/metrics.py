@@ -1,0 +1,94 @@
+"""Prometheus metrics (one registry per app, so tests and two apps in one process never mix) and
+the small in-memory views the status page needs (recent send latencies, errors by code).
+
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
+Gauges that mirror the store (outbox by state) are refreshed when `/metrics` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+RECENT = 512  # send latencies kept per tenant for the status page's p50/p95
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no data)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+class Metrics:
+    """Every metric Alfred exports, registered on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.webhook_requests = PromCounter(
+            "alfred_webhook_requests", "Webhook POSTs by HTTP result", ["result"], registry=r
+        )
+        self.inbound_messages = PromCounter(
+            "alfred_inbound_messages", "New inbound messages by tenant and type", ["tenant", "type"], registry=r
+        )
+        self.events = PromCounter("alfred_events", "Other webhook fields received", ["tenant", "field"], registry=r)
+        self.outbound_sends = PromCounter(
+            "alfred_outbound_sends", "Graph API send attempts by decision", ["tenant", "result"], registry=r
+        )
+        self.graph_errors = PromCounter(
+            "alfred_graph_errors", "Graph API answers with an error code", ["tenant", "code"], registry=r
+        )
+        self.send_latency = Histogram(
+            "alfred_send_latency_seconds", "Graph API call duration", ["tenant"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.handler_latency = Histogram(
+            "alfred_handler_latency_seconds", "Handler run time", ["tenant"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e_latency = Histogram(
+            "alfred_e2e_latency_seconds",
+            "Webhook received to reply accepted by the Graph API",
+            ["tenant"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.ratelimit_wait = Histogram(
+            "alfred_ratelimit_wait_seconds", "Time a send waited for its pacing slot", ["tenant"], registry=r
+        )
+        self.outbox = Gauge("alfred_outbox_messages", "Outbox rows by state", ["tenant", "state"], registry=r)
+        self.dispatch_queue = Gauge("alfred_dispatch_queue_depth", "Inbound messages queued in memory", registry=r)
+        self.send_queue = Gauge("alfred_send_queue_depth", "Claimed sends waiting for a worker", ["tenant"], registry=r)
+        self.paused = Gauge("alfred_tenant_paused", "1 while a tenant's sends are paused", ["tenant"], registry=r)
+        self.orchestrator = PromCounter(
+            "alfred_orchestrator_requests", "Orchestrator calls by result", ["result"], registry=r
+        )
+        self._latencies: dict[str, deque[float]] = {}
+        self.errors_by_code: dict[str, Counter[str]] = {}
+
+    # ------------------------------------------------------------------ recording
+
+    def send_done(self, tenant: str, result: str, seconds: float, code: int | None) -> None:
+        """One Graph API call finished with decision `result` after `seconds`."""
+        self.outbound_sends.labels(tenant, result).inc()
+        self.send_latency.labels(tenant).observe(seconds)
+        self._latencies.setdefault(tenant, deque(maxlen=RECENT)).append(seconds)
+        if code is not None:
+            self.graph_errors.labels(tenant, str(code)).inc()
+            self.errors_by_code.setdefault(tenant, Counter())[str(code)] += 1
+
+    def latency_ms(self, tenant: str) -> dict[str, float] | None:
+        """p50/p95 of the tenant's recent Graph calls, in milliseconds."""
+        recent = list(self._latencies.get(tenant, ()))
+        p50, p95 = percentile(recent, 0.5), percentile(recent, 0.95)
+        if p50 is None or p95 is None:
+            return None
+        return {"p50": round(p50 * 1000, 1), "p95": round(p95 * 1000, 1)}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
