@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from alfred_bot import __version__, keys
 from alfred_bot.config import Config
 from alfred_bot.context import new_outbox_id
-from alfred_bot.media import MediaError, check_upload
+from alfred_bot.media import MediaError, check_upload, kind_for
 from alfred_bot.security import bearer, token_ok
 from alfred_bot.status import collect
 from alfred_bot.store import OutboxRow, StoreError
@@ -263,18 +263,51 @@ async def upload_media(request: web.Request) -> web.Response:
 
 
 async def _media_form(request: web.Request) -> tuple[str, str, bytes, str, str] | web.Response:
+    """Read the multipart form as a stream, so the cap is `media.max_upload_bytes` (not the webhook's)."""
     if not request.content_type.startswith("multipart/"):
         return error(400, "send multipart/form-data with a `file` field")
-    form = await request.post()
-    upload = form.get("file")
-    if not isinstance(upload, web.FileField):
-        return _invalid("file", "a file field is required")
     cfg = request.app[keys.CONFIG]
-    tenant = str(form.get("tenant") or next(iter(cfg.tenants)))
+    parts = await _parts(request, cfg.media.max_upload_bytes)
+    if isinstance(parts, web.Response):
+        return parts
+    fields, upload = parts
+    if upload is None:
+        return _invalid("file", "a file field is required")
+    tenant = fields.get("tenant") or next(iter(cfg.tenants))
     if tenant not in cfg.tenants:
         return _invalid("tenant", f"unknown tenant {tenant!r} (have: {', '.join(cfg.tenants)})")
-    kind = str(form.get("kind") or upload.content_type.split("/", 1)[0])
-    return tenant, kind, upload.file.read(), upload.content_type, upload.filename or "file"
+    data, mime, filename = upload
+    return tenant, fields.get("kind") or kind_for(mime), data, mime, filename
+
+
+async def _parts(
+    request: web.Request, cap: int
+) -> tuple[dict[str, str], tuple[bytes, str, str] | None] | web.Response:
+    fields: dict[str, str] = {}
+    upload: tuple[bytes, str, str] | None = None
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            return error(400, "nested multipart bodies are not supported")
+        if part.name == "file":
+            data = await _read_capped(part, cap)
+            if data is None:
+                return error(413, f"file larger than media.max_upload_bytes ({cap} bytes)")
+            upload = (data, part.headers.get("Content-Type", "application/octet-stream"), part.filename or "file")
+        elif part.name in ("tenant", "kind"):
+            fields[part.name] = (await part.text())[:100]
+    return fields, upload
+
+
+async def _read_capped(part: BodyPartReader, cap: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(64 * 1024):
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def metrics(request: web.Request) -> web.Response:

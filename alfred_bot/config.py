@@ -139,6 +139,7 @@ class MediaConfig(_Section, frozen=True):
     path: str = ""
     retention_days: float = 30.0
     max_download_bytes: int = 100 * 1024 * 1024
+    max_upload_bytes: int = 16 * 1024 * 1024  # POST /api/media holds the file in memory: keep it modest
 
 
 class RetentionConfig(_Section, frozen=True):
@@ -310,9 +311,10 @@ def _check_production(secrets: Secrets, cfg: Config | None) -> None:
     if secrets.verify_token is None:
         raise ConfigError("WHATSAPP_VERIFY_TOKEN must be set when an access token is (production mode)")
     for name, tenant in tenants.items():
+        if tenant.access_token_env and name not in secrets.tenant_tokens:  # never fall back to another token
+            raise ConfigError(f"tenants.{name}: no access token: set {tenant.access_token_env} (production mode)")
         if secrets.token_for(name) is None:
-            where = tenant.access_token_env or "WHATSAPP_ACCESS_TOKEN"
-            raise ConfigError(f"tenants.{name}: no access token: set {where} (production mode)")
+            raise ConfigError(f"tenants.{name}: no access token: set WHATSAPP_ACCESS_TOKEN (production mode)")
         if tenant.app_secret_env and name not in secrets.tenant_app_secrets:
             raise ConfigError(f"tenants.{name}: no app secret: set {tenant.app_secret_env} (production mode)")
 
@@ -414,6 +416,7 @@ def _check_sections(cfg: Config) -> None:
         (all(k.strip() for k in limits.opt_out_keywords), "limits.opt_out_keywords: must not contain empty words"),
         (cfg.media.retention_days > 0, "media.retention_days: must be > 0"),
         (cfg.media.max_download_bytes >= 1024, "media.max_download_bytes: must be at least 1024"),
+        (cfg.media.max_upload_bytes >= 1024, "media.max_upload_bytes: must be at least 1024"),
         (cfg.retention.hot_days >= 1, "retention.hot_days: must be at least 1"),
         (
             cfg.retention.delete_days >= max(8.0, cfg.retention.hot_days),

@@ -221,10 +221,10 @@ class Outgoing:
             payload["context"] = {"message_id": quoted}
         return self._queue(kind, payload)
 
-    def _queue(self, kind: str, payload: dict[str, Any]) -> str:
+    def _queue(self, kind: str, payload: dict[str, Any], *, key: str | None = None) -> str:
         row = OutboxRow(
             id=new_outbox_id(),
-            idem_key=f"{self._idem_prefix()}:{len(self.replies):03d}",
+            idem_key=key or f"{self._idem_prefix()}:{len(self.replies):03d}",
             tenant=self.tenant,
             recipient=self.recipient,
             type=kind,
@@ -299,7 +299,8 @@ class Context(Outgoing):
         payload: dict[str, Any] = {"messaging_product": "whatsapp", "status": "read", "message_id": self.message.id}
         if typing:
             payload["typing_indicator"] = {"type": "text"}
-        outbox_id = self._queue("read", payload)
+        # its own key: queued early, it must not take the slot of a reply (or of the fallback)
+        outbox_id = self._queue("read", payload, key=f"read:{self.message.id}")
         if self._early is not None:
             self._early(self.replies[-1])  # the user sees "typing…" while the handler still works
         return outbox_id

@@ -282,15 +282,19 @@ class Dispatcher:
         return Completion(message.id, "limited", tuple(ctx.replies), tenant=ctx.tenant, user=ctx.recipient)
 
     async def _route(self, router: Router, ctx: Context) -> None:
-        """Matching routes in order until one does not return CONTINUE; then orchestrator or default."""
-        message = ctx.message
-        for handler in router.handlers_for(message):
-            if await router.wrap(handler)(message, ctx) is not CONTINUE:
-                return
-        if self._orchestrator is not None and message.type == "text":
-            await router.wrap(self._ask_orchestrator)(message, ctx)
-        elif router.fallback is not None:
-            await router.wrap(router.fallback)(message, ctx)
+        """The router's middleware, once, around: matching routes in order until one does not
+        return CONTINUE; then the orchestrator (texts, when configured) or the default."""
+
+        async def handle(message: Message, ctx: Context) -> None:
+            for handler in router.handlers_for(message):
+                if await handler(message, ctx) is not CONTINUE:
+                    return
+            if self._orchestrator is not None and message.type == "text":
+                await self._ask_orchestrator(message, ctx)
+            elif router.fallback is not None:
+                await router.fallback(message, ctx)
+
+        await router.wrap(handle)(ctx.message, ctx)
 
     async def _ask_orchestrator(self, message: Message, ctx: Context) -> None:
         """Forward a text to the orchestrator; its answer, or the fallback, goes back to the user."""
@@ -341,7 +345,7 @@ class Dispatcher:
         reason = "handler timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # storable whatever it holds
         log.error("handler failed for %s (tenant %s): %s", ctx.message.id, ctx.tenant, reason)
-        ctx.replies.clear()
+        ctx.replies[:] = [r for r in ctx.replies if r.type == "read"]  # the receipt stays, replies go
         if self._cfg.fallback_text.strip():
             ctx.reply(self._cfg.fallback_text[:4096])
         return self._completion(ctx, "failed", reason[:1000])

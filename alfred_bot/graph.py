@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -187,7 +188,7 @@ class GraphTransport:
         form = aiohttp.FormData()
         form.add_field("messaging_product", "whatsapp")
         form.add_field("type", mime_type)
-        form.add_field("file", data, filename=filename, content_type=mime_type)
+        form.add_field("file", io.BytesIO(data), filename=filename, content_type=mime_type)
         url = f"{self._base}/{phone_number_id}/media"
         try:
             async with self._client().post(url, data=form, headers=self._auth(phone_number_id)) as resp:

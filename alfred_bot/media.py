@@ -100,10 +100,21 @@ def limit_for(mime_type: str, cap: int) -> int:
     return cap
 
 
+def kind_for(mime_type: str) -> str:
+    """The message kind a MIME type is sent as (`application/pdf` → document); "" if none."""
+    mime = base_mime(mime_type)
+    for kind, (types, _) in LIMITS.items():
+        if mime in types:
+            return kind
+    return ""
+
+
 def check_upload(kind: str, mime_type: str, size: int) -> None:
     """Refuse an upload Meta would refuse, before it is sent."""
     if kind not in LIMITS:
-        raise MediaError(f"media kind must be one of {', '.join(sorted(LIMITS))}, not {kind!r}")
+        raise MediaError(
+            f"media kind must be one of {', '.join(sorted(LIMITS))}, not {kind!r} (type {mime_type!r} is not accepted)"
+        )
     types, limit = LIMITS[kind]
     if base_mime(mime_type) not in types:
         raise MediaError(f"{kind}: MIME type {mime_type!r} is not accepted (use one of {', '.join(sorted(types))})")

@@ -4,7 +4,8 @@ A message handler is `async def handler(message, ctx) -> None`. Routes are tried
 they were declared and the first whose filters all match runs. By default that ends routing;
 a handler that returns `CONTINUE` lets the next matching route run too. When no route ran to the
 end, a text message goes to the orchestrator (if `[orchestrator] url` is set), anything else to
-`@router.default`. Middleware (`router.use`) wraps every message handler, outermost first.
+`@router.default`. Middleware (`router.use`) wraps the whole handling of a message once (all of
+the above), the first added outermost.
 
 A status handler is `async def handler(status, ctx) -> None` for delivery updates of messages we
 sent (`sent`, `delivered`, `read`, `played`, `failed`); every matching status route runs.
@@ -96,11 +97,13 @@ def _emoji(message: Message) -> str | None:
 
 
 def command_of(text: str | None) -> tuple[str, str] | None:
-    """`"/Help me"` → `("help", "me")`: the first word, lower-cased, without a leading '/'."""
-    if not text or not text.strip():
+    """`"/Help me"` → `("help", "me")`: the first word (ended by any whitespace), lower-cased,
+    without a leading '/' or trailing '!', '.', '?'."""
+    parts = (text or "").split(maxsplit=1)
+    if not parts:
         return None
-    word, _, rest = text.strip().partition(" ")
-    return word.removeprefix("/").lower(), rest.strip()
+    word = parts[0].removeprefix("/").rstrip("!.?").lower()
+    return word, parts[1].strip() if len(parts) > 1 else ""
 
 
 class Router:
@@ -175,7 +178,7 @@ class Router:
         return handler
 
     def use(self, middleware: Middleware) -> Middleware:
-        """Wrap every message handler: `async def mw(message, ctx, call_next)`; the first added is outermost."""
+        """Wrap the handling of each message: `async def mw(message, ctx, call_next)`; first added is outermost."""
         self._middleware.append(middleware)
         return middleware
 

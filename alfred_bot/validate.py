@@ -178,6 +178,20 @@ def _sections(action: dict[str, Any], path: str) -> None:
         raise InvalidMessage(f"{path}.sections", f"at most 10 rows in all sections (got {rows})")
 
 
+def _header(value: Any, path: str, *, text_only: bool) -> None:
+    """A text header (≤ 60 characters) or, for buttons and CTA URLs, an image/video/document."""
+    header = _obj(value, path)
+    kind = header.get("type")
+    allowed = ("text",) if text_only else ("text", "image", "video", "document")
+    if kind not in allowed:
+        raise InvalidMessage(f"{path}.type", f"must be one of {', '.join(allowed)}")
+    if kind == "text":
+        _text(header, "text", path, high=60)
+    else:
+        media = str(kind)
+        _media(media, _obj(header.get(media), f"{path}.{media}"), f"{path}.{media}")
+
+
 #: Interactive kinds we pass through with only their shape checked (limits not in the reference).
 OTHER_INTERACTIVE = frozenset(
     {"flow", "product", "product_list", "catalog_message", "location_request_message", "address_message"}
@@ -195,8 +209,8 @@ def _interactive(obj: dict[str, Any], path: str) -> None:
     _text(_obj(obj.get("body"), f"{path}.body"), "text", f"{path}.body", high=limits[kind])
     if "footer" in obj:
         _text(_obj(obj["footer"], f"{path}.footer"), "text", f"{path}.footer", high=60)
-    if kind == "list" and "header" in obj:
-        _text(_obj(obj["header"], f"{path}.header"), "text", f"{path}.header", high=60)
+    if "header" in obj:
+        _header(obj["header"], f"{path}.header", text_only=kind == "list")
     action = _obj(obj.get("action"), f"{path}.action")
     if kind == "button":
         _buttons(action, f"{path}.action")

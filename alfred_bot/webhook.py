@@ -126,7 +126,8 @@ def _outside_scope(parsed: ParsedBody, scopes: set[str | None], own: frozenset[s
     """
     items: list[tuple[str | None, str | None]] = [(m.tenant, m.phone_number_id) for m in parsed.messages]
     items += [(s.tenant, s.phone_number_id) for s in parsed.statuses]
-    items += [(e.tenant, e.phone_number_id) for e in parsed.events]
+    # account-level fields (template status, …) name no number: any configured app may send them
+    items += [(e.tenant, e.phone_number_id) for e in parsed.events if e.phone_number_id is not None]
     for tenant, pnid in items:
         allowed = tenant in scopes or (tenant not in own and None in scopes)
         if not allowed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import time
@@ -10,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,44 @@ class Recorded:
     body: dict[str, Any]
 
 
+@dataclass
+class StoredMedia:
+    """Inbound media the fake serves: `GET /{version}/{id}` describes it, its URL serves the bytes.
+
+    `sha256` / `file_size` override what the description claims (None: the true values);
+    `report_size=False` leaves `file_size` out; `info_status` / `download_status` script
+    failures (a 404 download is an expired URL).
+    """
+
+    id: str
+    data: bytes
+    mime_type: str
+    sha256: str | None = None
+    file_size: int | None = None
+    report_size: bool = True
+    info_status: int = 200
+    download_status: int = 200
+
+
+@dataclass
+class MediaRequest:
+    kind: str  # "info" or "download"
+    media_id: str
+    authorization: str
+    query: dict[str, str]
+
+
+@dataclass
+class Upload:
+    phone_number_id: str
+    authorization: str
+    fields: dict[str, str]
+    data: bytes
+    filename: str | None
+    content_type: str | None
+    media_id: str
+
+
 class FakeGraph:
     """Scripts are consumed in order: per recipient first, then global; default is success."""
 
@@ -57,13 +96,19 @@ class FakeGraph:
         self.probes = 0
         self.latency = 0.0
         self._ids = itertools.count(1)
+        self.media: dict[str, StoredMedia] = {}
+        self.media_requests: list[MediaRequest] = []
+        self.uploads: list[Upload] = []
+        self._upload_ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=128 * 1024 * 1024)  # uploads up to Meta's limits
         app.router.add_post("/{version}/{pnid}/messages", self._messages)
         app.router.add_get("/{version}/{pnid}", self._probe)
+        app.router.add_get("/media-bytes/{media_id}/download", self._download)
+        app.router.add_post("/{version}/{pnid}/media", self._upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -109,5 +154,65 @@ class FakeGraph:
         return web.Response(status=answer.status, body=raw or b"", headers=answer.headers)
 
     async def _probe(self, request: web.Request) -> web.Response:
+        media = self.media.get(request.match_info["pnid"])
+        if media is not None:  # GET /{version}/{media_id}: the media description, not a probe
+            return self._media_info(request, media)
         self.probes += 1
         return web.Response(status=self.probe_status, text=json.dumps({"id": request.match_info["pnid"]}))
+
+    # ------------------------------------------------------------------ media
+
+    def add_media(self, media_id: str, data: bytes, mime_type: str = "image/jpeg", **kw: Any) -> StoredMedia:
+        """Register inbound media the fake serves (see `StoredMedia`)."""
+        stored = StoredMedia(media_id, data, mime_type, **kw)
+        self.media[media_id] = stored
+        return stored
+
+    def _media_info(self, request: web.Request, media: StoredMedia) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        self.media_requests.append(MediaRequest("info", media.id, auth, dict(request.query)))
+        if media.info_status != 200:
+            error = {"error": {"message": "(#100) Unsupported get request", "type": "OAuthException", "code": 100}}
+            return web.json_response(error, status=media.info_status)
+        body: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "url": f"{self.url}/media-bytes/{media.id}/download",
+            "mime_type": media.mime_type,
+            "sha256": media.sha256 if media.sha256 is not None else hashlib.sha256(media.data).hexdigest(),
+            "id": media.id,
+        }
+        if media.report_size:
+            body["file_size"] = media.file_size if media.file_size is not None else len(media.data)
+        return web.json_response(body)
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """The bytes behind a media URL; like Meta's, it needs the bearer token."""
+        media_id = request.match_info["media_id"]
+        auth = request.headers.get("Authorization", "")
+        self.media_requests.append(MediaRequest("download", media_id, auth, dict(request.query)))
+        if not auth.startswith("Bearer ") or not auth.removeprefix("Bearer ").strip():
+            return web.Response(status=401, text="missing bearer token")
+        media = self.media.get(media_id)
+        if media is None:
+            return web.Response(status=404, text="no such media")
+        if media.download_status != 200:
+            return web.Response(status=media.download_status, text="url expired")
+        return web.Response(body=media.data, content_type=media.mime_type.split(";")[0])
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """POST /{version}/{pnid}/media (multipart): record the upload, answer its new id."""
+        fields: dict[str, str] = {}
+        data, filename, content_type = b"", None, None
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, BodyPartReader)
+            if part.name == "file":
+                data = bytes(await part.read(decode=False))
+                filename, content_type = part.filename, part.headers.get("Content-Type")
+            elif part.name is not None:
+                fields[part.name] = await part.text()
+        media_id = f"upload-{next(self._upload_ids):04d}"
+        auth = request.headers.get("Authorization", "")
+        pnid = request.match_info["pnid"]
+        self.uploads.append(Upload(pnid, auth, fields, data, filename, content_type, media_id))
+        return web.json_response({"id": media_id})

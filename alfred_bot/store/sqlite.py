@@ -282,14 +282,14 @@ def _complete_op(done: Completion, now: float) -> Any:
 #: Both directions of one user's conversation: inbound by phone number or user id, outbound
 #: messages (not receipts) by recipient; each leg limited, merged and cut in Python.
 _CONVERSATION = """
-SELECT * FROM (SELECT 'in' AS direction, type, text, timestamp AS at, NULL AS state, NULL AS payload FROM inbox
-               WHERE tenant = ? AND sender = ? ORDER BY timestamp DESC LIMIT ?)
+SELECT * FROM (SELECT 'in' AS direction, type, text, received_at AS at, NULL AS state, NULL AS payload, seq FROM inbox
+               WHERE tenant = ? AND sender = ? ORDER BY seq DESC LIMIT ?)
 UNION ALL
-SELECT * FROM (SELECT 'in', type, text, timestamp, NULL, NULL FROM inbox
-               WHERE tenant = ? AND user_id = ? AND sender IS NULL ORDER BY timestamp DESC LIMIT ?)
+SELECT * FROM (SELECT 'in', type, text, received_at, NULL, NULL, seq FROM inbox
+               WHERE tenant = ? AND user_id = ? AND sender IS NULL ORDER BY seq DESC LIMIT ?)
 UNION ALL
-SELECT * FROM (SELECT 'out', type, NULL, created_at, state, payload FROM outbox
-               WHERE tenant = ? AND recipient = ? AND type != 'read' ORDER BY created_at DESC LIMIT ?)
+SELECT * FROM (SELECT 'out', type, NULL, created_at, state, payload, rowid FROM outbox
+               WHERE tenant = ? AND recipient = ? AND type != 'read' ORDER BY rowid DESC LIMIT ?)
 """
 
 
@@ -453,9 +453,9 @@ class SqliteStore:
 
     async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
-        items = [_conversation_item(row) for row in rows]
-        items.sort(key=lambda item: item["at"])
-        return items[-limit:]
+        # both clocks are ours (received_at, created_at); within one instant, insertion order
+        ordered = sorted(rows, key=lambda row: (row["at"], row["direction"] == "out", row["seq"]))
+        return [_conversation_item(row) for row in ordered][-limit:]
 
     async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
         rows = await self._fetch(
