@@ -1,0 +1,295 @@
+/* Alfred status page: polls /status.json and redraws the page in place (no reload).
+ *
+ * Safety rules kept by every line below:
+ * - Text from users or Meta (names, texts, error messages) is only ever set with textContent /
+ *   append(string) / setAttribute on plain attributes: never parsed as markup, never a URL or on* attribute.
+ *   Bidi and control characters are shown as "\u2039U+XXXX\u203a" (as the server does) and sit in <bdi>.
+ * - The API token lives in sessionStorage only (this tab): never a cookie, never the URL, never a
+ *   form field that could be submitted.
+ * - Operator actions are fetch() POSTs carrying `Authorization: Bearer <token>` with
+ *   credentials: "omit". This is CSRF-safe by construction: the API accepts no ambient credential
+ *   (no cookie, no basic auth), and another site cannot read the token from this origin's
+ *   sessionStorage nor set an Authorization header on a cross-origin request without a CORS
+ *   preflight, which this server never grants.
+ * The structure built here mirrors alfred_bot/templates/status.html: keep the two in step.
+ */
+(function () {
+  "use strict";
+
+  var TOKEN_KEY = "alfred.apiToken";
+  var STALE_AFTER_MS = 10000;
+  var STATES = ["queued", "sending", "sent", "delivered", "read", "played", "failed"];
+  var INVISIBLE = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]/g;
+
+  var pollMs = Number(document.body.dataset.pollMs) || 3000;
+  var codes = readCodes();
+  var lastOk = Date.now();
+  var timer = null;
+
+  // ------------------------------------------------------------------ formatting (as the server)
+
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function visible(v) {
+    if (v === null || v === undefined) return "";
+    return String(v).replace(INVISIBLE, function (c) {
+      return "\u2039U+" + c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0") + "\u203a";
+    });
+  }
+  function count(v) { return isNum(v) ? Math.round(v).toLocaleString("en-US") : "\u2014"; }
+  function ms(v) {
+    if (!isNum(v)) return "\u2014";
+    return v < 10 ? v.toFixed(1) : Math.round(v).toLocaleString("en-US");
+  }
+  function pct(v) { return isNum(v) ? (v * 100).toFixed(1) + "%" : "\u2014"; }
+  function duration(v) {
+    if (!isNum(v)) return "\u2014";
+    var s = Math.floor(v), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600);
+    var m = Math.floor(s % 3600 / 60), sec = s % 60;
+    if (d) return d + " d " + h + " h";
+    if (h) return h + " h " + m + " m";
+    return m ? m + " m " + sec + " s" : sec + " s";
+  }
+  function utc(v) {
+    return isNum(v) ? new Date(v * 1000).toISOString().slice(0, 19).replace("T", " ") : "\u2014";
+  }
+  function codeName(c) { return Object.prototype.hasOwnProperty.call(codes, String(c)) ? codes[String(c)] : ""; }
+  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+  function arr(v) { return Array.isArray(v) ? v : []; }
+
+  function readCodes() {
+    var el = document.getElementById("graph-codes");
+    try { return obj(JSON.parse(el ? el.textContent : "{}")); } catch (e) { return {}; }
+  }
+
+  // ------------------------------------------------------------------ DOM building
+
+  var ATTRS = ["class", "title", "colspan", "hidden", "disabled", "type", "min", "max", "low", "high",
+    "optimum", "value", "role", "data-tenant", "data-field", "data-id", "data-retry"];
+
+  /** h("td", {class: "x"}, "text", child): children are text or nodes; only known attributes. */
+  function h(tag, attrs) {
+    var el = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      var v = attrs[k];
+      if (ATTRS.indexOf(k) < 0 || v === null || v === undefined || v === false) return;
+      el.setAttribute(k, v === true ? "" : String(v));
+    });
+    for (var i = 2; i < arguments.length; i++) {
+      var c = arguments[i];
+      if (Array.isArray(c)) c.forEach(function (x) { if (x !== null && x !== undefined) el.append(x); });
+      else if (c !== null && c !== undefined && c !== false) el.append(c);
+    }
+    return el;
+  }
+  function text(id, value) { var el = document.getElementById(id); if (el) el.textContent = value; }
+
+  function orderedStates(outbox) {
+    var known = STATES.filter(function (s) { return s in outbox; });
+    var rest = Object.keys(outbox).filter(function (s) { return STATES.indexOf(s) < 0; }).sort();
+    return known.concat(rest).map(function (s) { return [s, outbox[s]]; });
+  }
+
+  function pauseBox(p) {
+    return h("div", {class: "pause", role: "alert"},
+      h("strong", {}, "Paused" + (p.kind ? " (" + visible(p.kind) + ")" : "") + ":"), " ",
+      h("bdi", {class: "reason", "data-field": "pause-reason"}, visible(p.reason) || "no reason given"),
+      h("div", {class: "pause-meta"}, "code " + (visible(p.code) || "\u2014") + " \u00b7 since " + utc(p.since)));
+  }
+
+  function stat(label, field, value, unit) {
+    var dd = unit ? h("dd", {}, h("span", {"data-field": field}, value), h("small", {}, unit))
+                  : h("dd", {"data-field": field}, value);
+    return h("div", {class: "stat"}, h("dt", {}, label), dd);
+  }
+
+  function chips(field, items, empty) {
+    return h("ul", {class: "chips", "data-field": field},
+      items.length ? items : h("li", {class: "chip empty"}, empty));
+  }
+
+  function card(t) {
+    var rate = isNum(t.rate_limit) ? t.rate_limit : null;
+    var out = t.outbound_per_minute;
+    var load = rate && isNum(out) ? Math.min(1, out / (rate * 60)) : null;
+    var lat = obj(t.latency_ms), del = obj(t.delivery_24h), paused = t.paused ? obj(t.paused) : null;
+    var errors = Object.keys(obj(t.errors_by_code)).map(function (c) { return [c, t.errors_by_code[c]]; })
+      .sort(function (a, b) { return (Number(b[1]) || 0) - (Number(a[1]) || 0) || (a[0] < b[0] ? -1 : 1); });
+    return h("article", {class: "card" + (paused ? " is-paused" : ""), "data-tenant": String(t.name)},
+      h("header", {class: "card-head"},
+        h("h3", {}, h("bdi", {}, visible(t.name))),
+        h("span", {class: "handler"}, "handler ", h("code", {}, visible(t.handler || "?"))),
+        paused ? h("span", {class: "badge bad"}, "paused") : h("span", {class: "badge good"}, "sending")),
+      paused ? pauseBox(paused) : null,
+      h("dl", {class: "stats"},
+        stat("Inbound", "inbound", count(t.inbound_per_minute), "/min"),
+        stat("Outbound", "outbound", count(out), "/min"),
+        stat("Send queue", "queue", count(t.queue)),
+        stat("Latency p50/p95", "latency", ms(lat.p50) + " / " + ms(lat.p95), "ms")),
+      h("div", {class: "load"},
+        h("meter", {min: 0, max: 1, low: 0.6, high: 0.85, optimum: 0, value: load || 0}),
+        h("span", {"data-field": "load"}, pct(load) + " of the limit (" + count(rate === null ? null : rate * 60) + "/min)")),
+      h("h4", {}, "Outbox"),
+      chips("outbox", orderedStates(obj(t.outbox)).map(function (p) {
+        return h("li", {class: "chip st-" + p[0]}, visible(p[0]) + " ", h("b", {}, count(p[1])));
+      }), "empty"),
+      h("h4", {}, "Errors by Graph code"),
+      chips("errors", errors.map(function (e) {
+        var name = codeName(e[0]);
+        return h("li", {class: "chip err", title: name}, visible(e[0]),
+          name ? [" ", h("span", {class: "code-name"}, name)] : null, " ", h("b", {}, "\u00d7" + count(e[1])));
+      }), "none"),
+      h("p", {class: "delivery", "data-field": "delivery"}, "24 h: delivered ", h("b", {}, pct(del.delivered_ratio)),
+        " \u00b7 read ", h("b", {}, pct(del.read_ratio)), " of " + count(del.sent) + " sent"));
+  }
+
+  function rows(tbody, items, columns, makeRow, empty) {
+    var el = document.getElementById(tbody);
+    if (!el) return;
+    el.replaceChildren.apply(el, items.length ? items.map(makeRow)
+      : [h("tr", {class: "empty"}, h("td", {colspan: columns}, empty))]);
+  }
+
+  function failureRow(f) {
+    return h("tr", {"data-id": f.id},
+      h("td", {class: "time"}, utc(f.at)),
+      h("td", {}, visible(f.tenant)),
+      h("td", {class: "phone"}, visible(f.from)),
+      h("td", {}, h("bdi", {}, visible(f.name))),
+      h("td", {class: "text"}, h("bdi", {}, visible(f.text))),
+      h("td", {class: "error"}, h("bdi", {}, visible(f.error))));
+  }
+
+  function deadRow(d) {
+    return h("tr", {"data-id": d.id},
+      h("td", {class: "time"}, utc(d.created_at)),
+      h("td", {}, visible(d.tenant)),
+      h("td", {class: "phone"}, visible(d.to)),
+      h("td", {}, visible(d.type)),
+      h("td", {class: "n"}, count(d.attempts)),
+      h("td", {class: "error"}, h("span", {class: "code", title: codeName(d.error_code)}, visible(d.error_code)), " ",
+        h("bdi", {}, visible(d.error_message))),
+      h("td", {}, h("button", {type: "button", class: "retry", "data-retry": d.id}, "Retry")));
+  }
+
+  function counters(data) {
+    var el = document.getElementById("counters");
+    if (!el) return;
+    el.replaceChildren.apply(el, ["dispatcher", "sender", "orchestrator"].map(function (group) {
+      var values = obj(data[group]), keys = Object.keys(values).sort();
+      return h("table", {class: "list"}, h("caption", {}, group), h("tbody", {}, keys.length
+        ? keys.map(function (k) { return h("tr", {}, h("th", {}, visible(k)), h("td", {class: "n"}, count(values[k]))); })
+        : h("tr", {class: "empty"}, h("td", {colspan: 2}, "none yet"))));
+    }));
+  }
+
+  function render(data) {
+    var ok = data.status === "ok", mode = String(data.mode || "unknown"), q = obj(data.queues);
+    var health = document.getElementById("health");
+    if (health) { health.textContent = ok ? "ok" : String(data.status || "unavailable"); health.className = "badge " + (ok ? "good" : data.status === "draining" ? "warn" : "bad"); }
+    var modeEl = document.getElementById("mode");
+    if (modeEl) { modeEl.textContent = mode; modeEl.className = "badge mode-" + mode; }
+    var draining = document.getElementById("draining");
+    if (draining) draining.hidden = !data.draining;
+    text("version", String(data.version || "?"));
+    text("uptime", duration(data.uptime_seconds));
+    text("q-dispatch", count(q.dispatch) + " / " + count(q.dispatch_size));
+    text("q-send", count(q.send));
+    var tenants = document.getElementById("tenants");
+    if (tenants) tenants.replaceChildren.apply(tenants, arr(data.tenants).map(function (t) { return card(obj(t)); }));
+    rows("failures", arr(data.recent_failures).map(obj), 6, failureRow, "No failures.");
+    rows("dead", arr(data.dead_letters).map(obj), 7, deadRow, "No dead letters.");
+    counters(data);
+    syncButtons();
+    text("updated", "updated " + utc(Date.now() / 1000));
+  }
+
+  // ------------------------------------------------------------------ polling
+
+  function poll() {
+    clearTimeout(timer);
+    // /status.json answers 503 with the same JSON while unavailable: draw it either way.
+    return fetch("/status.json", {cache: "no-store", credentials: "omit"})
+      .then(function (r) { return r.json(); })
+      .then(function (data) { lastOk = Date.now(); render(obj(data)); })
+      .catch(function () { /* shown by the stale badge below */ })
+      .then(function () {
+        var stale = document.getElementById("stale");
+        if (stale) stale.hidden = Date.now() - lastOk < STALE_AFTER_MS;
+        if (!document.hidden) timer = setTimeout(poll, pollMs);
+      });
+  }
+
+  // ------------------------------------------------------------------ operator actions
+
+  var tokenInput = document.getElementById("api-token");
+  function token() { return tokenInput ? tokenInput.value.trim() : ""; }
+
+  function syncButtons() {
+    var has = token() !== "";
+    document.querySelectorAll("[data-retry]").forEach(function (b) {
+      if (!b.dataset.busy) b.disabled = !has;
+      b.title = has ? "" : "enter the API token first";
+    });
+    var all = document.getElementById("retry-all");
+    if (all) all.disabled = !has || !document.querySelector("#dead [data-retry]");
+  }
+
+  function say(message, bad) {
+    var el = document.getElementById("action-result");
+    if (!el) return;
+    el.textContent = message;
+    el.className = bad ? "bad" : "good";
+  }
+
+  function retry(body, button) {
+    if (button) { button.dataset.busy = "1"; button.disabled = true; button.textContent = "Retrying\u2026"; }
+    // Header auth, no cookies: see the CSRF note at the top of this file.
+    return fetch("/api/dead-letters/retry", {
+      method: "POST",
+      credentials: "omit",
+      cache: "no-store",
+      headers: {"Authorization": "Bearer " + token(), "Content-Type": "application/json"},
+      body: JSON.stringify(body)
+    }).then(function (r) {
+      return r.json().catch(function () { return {}; }).then(function (j) {
+        if (r.status === 401) say("Refused: wrong or missing API token.", true);
+        else if (!r.ok) say("Retry failed: " + visible(j.error || ("HTTP " + r.status)), true);
+        else say("Queued again: " + count(j.retried) + " message(s).", false);
+      });
+    }).catch(function () {
+      say("Retry failed: the server did not answer.", true);
+    }).then(function () {
+      if (button) { delete button.dataset.busy; button.textContent = "Retry"; }
+      return poll();
+    });
+  }
+
+  if (tokenInput) {
+    try { tokenInput.value = sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { /* storage off */ }
+    tokenInput.addEventListener("input", function () {
+      try {
+        if (token()) sessionStorage.setItem(TOKEN_KEY, token()); else sessionStorage.removeItem(TOKEN_KEY);
+      } catch (e) { /* storage off: the field still works for this page */ }
+      syncButtons();
+    });
+  }
+  var forget = document.getElementById("forget-token");
+  if (forget) forget.addEventListener("click", function () {
+    try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* storage off */ }
+    if (tokenInput) tokenInput.value = "";
+    syncButtons();
+  });
+  var dead = document.getElementById("dead");
+  if (dead) dead.addEventListener("click", function (ev) {
+    var b = ev.target instanceof Element ? ev.target.closest("[data-retry]") : null;
+    if (b && !b.disabled) retry({ids: [b.dataset.retry]}, b);
+  });
+  var all = document.getElementById("retry-all");
+  if (all) all.addEventListener("click", function () {
+    if (window.confirm("Queue every dead letter again?")) retry({all: true}, null);
+  });
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) poll(); });
+
+  syncButtons();
+  poll();
+})();
