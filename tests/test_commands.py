@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,12 +27,17 @@ import pytest
 from alfred_bot.store.sqlite import connect_writer
 from tests import payloads
 from tests.conftest import db_rows
+from tests.test_cli import (
+    REPO,
+    RUN_TIMEOUT,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    clean_env,
+    free_port,
+    run_main,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT = 60
-START_TIMEOUT = 30
-STOP_TIMEOUT = 20
-_PROXIES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 API = "commands-api-token-0123"
@@ -47,48 +50,7 @@ BIZ = f'\n[tenants.biz]\nphone_number_id = "{payloads.BIZ_PNID}"\n'
 WAMID = re.compile(r"\((\w+) (wamid\.SIM[0-9a-f]+)\)")
 
 
-# ---------------------------------------------------------------------------- helpers (as in test_cli)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("WHATSAPP_", "ALFRED_")) and k.lower() not in _PROXIES
-    }
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_config(directory: Path, port: int, *, extra: str = "") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.toml"
-    path.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n'
-        f'[storage]\npath = "{(directory / "alfred.db").as_posix()}"\n\n'
-        '[logging]\nformat = "json"\n\n'
-        f'[tenants.home]\nphone_number_id = "{payloads.PNID}"\n{extra}',
-        encoding="utf-8",
-    )
-    return path
-
-
-def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "main.py", *args],
-        cwd=REPO,
-        env=clean_env() if env is None else env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+# ---------------------------------------------------------------------------- helpers
 
 
 def lines(text: str) -> list[str]:
