@@ -114,7 +114,9 @@ def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int |
         # Bind before the app starts, so a busy port fails before the store or workers run.
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         log.info("listening on %s", http_url(host, port, "/"))
-        web.run_app(app, sock=sock, print=None, access_log=None, shutdown_timeout=10)
+        # On SIGTERM, requests in flight get the grace too (then handlers, then sends get theirs).
+        grace = cfg.dispatch.shutdown_grace_seconds
+        web.run_app(app, sock=sock, print=None, access_log=None, shutdown_timeout=grace)
     except ConfigError as exc:
         print(f"alfred: config error: {exc}", file=sys.stderr)
         return 2

@@ -145,7 +145,7 @@ def _by_code(status: int, error: _Error, after: float | None) -> Decision:
 
 def _by_status(status: int, body: bytes, after: float | None) -> Decision:
     """No error code to go by (HTML, empty, or a success without an id): use the HTTP status."""
-    raw = body[:RAW_KEEP].decode("utf-8", "replace") or None
+    raw = body[:RAW_KEEP].decode("utf-8", "replace") or f"(empty body, HTTP {status})"
     kept = Decision(outcome=Outcome.RETRY, http_status=status, retry_after=after, raw=raw)
     if status == 429:
         return replace(kept, outcome=Outcome.RETRY, slow_down=True)

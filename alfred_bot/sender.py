@@ -29,7 +29,7 @@ from alfred_bot.logs import bound
 from alfred_bot.metrics import Metrics
 from alfred_bot.privacy import mask
 from alfred_bot.ratelimit import PairLimiter, SlidingWindowLimiter
-from alfred_bot.store import AuditEntry, OutboxJob, Settlement, Store
+from alfred_bot.store import AuditEntry, OutboxJob, Settlement, Store, StoreError
 from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.sender")
@@ -40,6 +40,7 @@ IDLE_POLL = 1.0
 #: Consecutive transient failures of a number that mean "Meta is down": retries stop counting.
 OUTAGE_AFTER = 5
 PRUNE_EVERY = 60.0
+SETTLE_RETRY_CAP = 30.0
 
 
 class Pause(msgspec.Struct, frozen=True):
@@ -331,10 +332,28 @@ class Sender:
         await self._settle(_with_error(queued, d))
 
     async def _settle(self, result: Settlement) -> None:
+        """Record an outcome; if the store refuses (disk full), keep it and retry, never resend.
+
+        Dropping it would leave the row leased, and when the lease ran out it would be sent again.
+        The row stays in `_held`, so it cannot be claimed meanwhile. While stopping, one try only:
+        the lease brings the row back after a restart.
+        """
         audit = self._audit.pop(result.id, None)
         if audit is not None:
             result = msgspec.structs.replace(result, audit=audit)
-        await self._store.settle(result, self._clock())
+        attempt = 0
+        while True:
+            try:
+                await self._store.settle(result, self._clock())
+                break
+            except StoreError as exc:
+                if self._stopping:
+                    raise
+                delay = min(SETTLE_RETRY_CAP, 0.5 * 2**attempt)
+                log.error("could not record the outcome of %s, retrying in %.1f s: %s", result.id, delay, exc)
+                self.counts["settle_retries"] += 1
+                await asyncio.sleep(delay)
+                attempt += 1
         if result.state == "queued":
             self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
 

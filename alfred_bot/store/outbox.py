@@ -74,7 +74,9 @@ def claim(
             continue
         rows = conn.execute(
             "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
-            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{_PENDING} AND o.due_at <= ? {held_sql} "
+            # `+o.due_at`: keep the planner on outbox_claim (ordered by priority, due_at) instead of
+            # sorting every due row of a large backlog through a temp B-tree to take a few.
+            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{_PENDING} AND +o.due_at <= ? {held_sql} "
             f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
             f"AND e.{_PENDING} AND e.rowid < o.rowid) "
             "ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) "
