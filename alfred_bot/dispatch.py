@@ -31,6 +31,8 @@ log = logging.getLogger("alfred.dispatch")
 
 SCAN_BATCH = 200
 RETRY_DELAY = 1.0
+#: A handler still running after this long gets its read receipt (and "typing…") sent at once.
+EARLY_RECEIPT_AFTER = 0.2
 COMMIT_RETRY_CAP = 30.0
 
 
@@ -65,6 +67,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._early_tasks: set[asyncio.Task[None]] = set()
+        self._early_timers: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
         self.counts: Counter[str] = Counter(handled=0, failed=0, overflow=0, recovered=0)
 
@@ -184,7 +187,10 @@ class Dispatcher:
                 self._done_during_scan.add(item.message.id)
 
     async def _handle(self, item: InboundItem) -> None:
-        done = await self._run_handler(item)
+        try:
+            done = await self._run_handler(item)
+        finally:
+            self._cancel_early(item.message.id)  # the completion carries the receipt
         attempt = 0
         while True:
             try:
@@ -239,14 +245,26 @@ class Dispatcher:
         return self._completion(ctx, "handled")
 
     def _send_early(self, row: OutboxRow) -> None:
-        """Queue a read receipt now rather than with the completion, so "typing…" shows at once.
+        """Queue a read receipt before the completion if the handler is slow, so "typing…" shows.
 
-        The completion inserts the same row again; its idempotency key makes that a no-op, and
-        if this early write fails the completion still queues it.
+        Only after `EARLY_RECEIPT_AFTER`: a fast handler's receipt simply goes with its replies
+        (one write instead of two). The completion inserts the row anyway; its idempotency key
+        makes a second insert a no-op, and if the early write fails the completion still queues it.
         """
+        event_id = row.source_event_id or row.id
+        loop = asyncio.get_running_loop()
+        self._early_timers[event_id] = loop.call_later(EARLY_RECEIPT_AFTER, self._spawn_early, event_id, row)
+
+    def _spawn_early(self, event_id: str, row: OutboxRow) -> None:
+        self._early_timers.pop(event_id, None)
         task = asyncio.create_task(self._enqueue_early(row))
         self._early_tasks.add(task)
         task.add_done_callback(self._early_tasks.discard)
+
+    def _cancel_early(self, event_id: str) -> None:
+        timer = self._early_timers.pop(event_id, None)
+        if timer is not None:
+            timer.cancel()
 
     async def _enqueue_early(self, row: OutboxRow) -> None:
         try:
@@ -355,5 +373,7 @@ class Dispatcher:
         self._stopping = True
         await stop_workers(self._tasks, self._busy, grace)
         self._tasks = []
+        for event_id in list(self._early_timers):
+            self._cancel_early(event_id)
         if self._early_tasks:  # early receipts: the completion (or the next run) queues them anyway
             await asyncio.wait(self._early_tasks, timeout=1.0)
