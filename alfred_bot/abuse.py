@@ -8,13 +8,13 @@ old messages is not punished twice and a real flood is caught however slowly we 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 
 from alfred_bot.config import LimitsConfig
 from alfred_bot.models import ButtonMessage, Message
 
 PRUNE_EVERY = 300.0
+PRUNE_SIZE = 50_000  # also prune when this many users are tracked
 
 
 class Verdict:
@@ -28,15 +28,20 @@ class Verdict:
 
 
 class InboundLimiter:
-    """At most `per_user` messages per user in any `window` seconds; one notice per window."""
+    """At most `per_user` messages per user in any `window` seconds; one notice per window.
+
+    A sliding log of send times per user, kept in a plain list (a deque costs ~600 bytes even
+    for one entry: a burst from 100,000 different users would hold ~60 MB instead of ~20 MB).
+    """
 
     def __init__(self, per_user: int, window: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_user = per_user
         self._window = window
         self._clock = clock
-        self._seen: dict[tuple[str, str], deque[float]] = {}
+        self._seen: dict[tuple[str, str], list[float]] = {}
         self._noticed: dict[tuple[str, str], float] = {}
         self._pruned = clock()
+        self._prune_at = PRUNE_SIZE
 
     def check(self, tenant: str, user: str, at: float) -> Verdict:
         """Count a message the user sent at `at` (unix seconds) and judge it."""
@@ -44,10 +49,9 @@ class InboundLimiter:
             return Verdict(allowed=True, notify=False)
         self._maybe_prune(at)
         key = (tenant, user)
-        times = self._seen.setdefault(key, deque())
-        while times and times[0] <= at - self._window:
-            times.popleft()
+        times = [t for t in self._seen.get(key, ()) if t > at - self._window]
         times.append(at)
+        self._seen[key] = times[-(self._per_user + 1) :]  # more than the limit never changes a verdict
         if len(times) <= self._per_user:
             return Verdict(allowed=True, notify=False)
         last = self._noticed.get(key)
@@ -59,13 +63,12 @@ class InboundLimiter:
     def _maybe_prune(self, at: float) -> None:
         """Forget users quiet for a whole window, so memory follows the active users only."""
         now = self._clock()
-        if now - self._pruned < PRUNE_EVERY:
+        if now - self._pruned < PRUNE_EVERY and len(self._seen) < self._prune_at:
             return
         self._pruned = now
-        stale = [k for k, times in self._seen.items() if not times or times[-1] <= at - self._window]
-        for key in stale:
-            del self._seen[key]
-            self._noticed.pop(key, None)
+        self._seen = {k: t for k, t in self._seen.items() if t and t[-1] > at - self._window}
+        self._noticed = {k: t for k, t in self._noticed.items() if at - t < self._window}
+        self._prune_at = max(PRUNE_SIZE, 2 * len(self._seen))  # amortised: never a scan per message
 
     @property
     def tracked(self) -> int:

@@ -39,6 +39,8 @@ RECEIPT_TYPES = frozenset({"read"})
 IDLE_POLL = 1.0
 #: Consecutive transient failures of a number that mean "Meta is down": retries stop counting.
 OUTAGE_AFTER = 5
+OUTAGE_GATE_BASE = 0.05  # seconds the lane waits after the 5th failure in a row, doubling
+OUTAGE_GATE_CAP = 2.0
 PRUNE_EVERY = 60.0
 SETTLE_RETRY_CAP = 30.0
 
@@ -63,6 +65,7 @@ class _Lane:
         self.workers = out.worker_count(1)
         self.queue: asyncio.Queue[OutboxJob] = asyncio.Queue(maxsize=self.workers * 2)
         self.transient_streak = 0
+        self.gate_until = 0.0  # monotonic: during an outage the lane pauses briefly between tries
 
     @property
     def capacity(self) -> int:
@@ -168,7 +171,10 @@ class Sender:
                 await asyncio.sleep(IDLE_POLL)
 
     async def _pump_once(self) -> None:
-        active = {name: lane for name, lane in self._lanes.items() if name not in self.pauses}
+        now = self._monotonic()
+        active = {
+            name: lane for name, lane in self._lanes.items() if name not in self.pauses and lane.gate_until <= now
+        }
         quotas = {name: lane.capacity - lane.queue.qsize() for name, lane in active.items()}
         if active and not any(q > 0 for q in quotas.values()):
             self._room.clear()
@@ -223,6 +229,9 @@ class Sender:
                 lane.queue.task_done()
 
     async def _send(self, lane: _Lane, job: OutboxJob) -> None:
+        gated = lane.gate_until - self._monotonic()
+        if gated > 0:  # the number's outage gate: wait instead of hammering a Graph API that is down
+            await asyncio.sleep(gated)
         if lane.tenant in self.pauses:
             await self._put_back(job, IDLE_POLL)
             return
@@ -283,6 +292,7 @@ class Sender:
             if self.on_sent is not None:
                 self.on_sent(lane.tenant)
             await self._settle(Settlement(id=job.id, state="sent", attempts=job.attempts, wamid=d.wamid))
+            self.wake()  # the user's next row (the reply after its receipt) is claimable now
         elif d.outcome is Outcome.FAILED:
             log.warning("outbox %s failed permanently: code %s %s", job.id, d.code, d.message)
             failed = Settlement(id=job.id, state="failed", attempts=job.attempts, needs_template=d.needs_template)
@@ -318,6 +328,10 @@ class Sender:
         )
         # During an outage of the number (many transient failures in a row) an attempt is not
         # counted: otherwise a 10-minute Meta incident would dead-letter every message tried in it.
+        # Since refunded rows stay due almost at once, the lane itself backs off instead.
+        if outage:
+            gate = min(OUTAGE_GATE_CAP, OUTAGE_GATE_BASE * 2 ** (lane.transient_streak - OUTAGE_AFTER))
+            lane.gate_until = max(lane.gate_until, self._monotonic() + gate)
         await self._retry_at(job, d, max(wait, d.retry_after or 0.0), refund=outage)
 
     async def _give_up(self, job: OutboxJob, d: Decision, why: str) -> None:

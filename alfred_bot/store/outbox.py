@@ -24,7 +24,8 @@ INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, crea
                     trace_id, origin_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
 """
-_PENDING = "state IN ('queued', 'sending')"
+PENDING = "state IN ('queued', 'sending')"
+_PENDING = PENDING
 #: A settle applies only to the claim it answers: same row, still leased, same attempt.
 _LEASED = "state = 'sending' AND attempts = ?"
 _ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_id = ?, error_http_status = ?"
@@ -88,15 +89,6 @@ def claim(
     return jobs
 
 
-def next_due(conn: sqlite3.Connection, tenants: frozenset[str]) -> float | None:
-    dues = [
-        conn.execute(f"SELECT MIN(due_at) FROM outbox WHERE tenant = ? AND {_PENDING}", (tenant,)).fetchone()[0]
-        for tenant in sorted(tenants)
-    ]
-    known = [float(d) for d in dues if d is not None]
-    return min(known) if known else None
-
-
 def _error_values(r: Settlement) -> tuple[Any, ...]:
     return (r.error_code, r.error_message, r.error_details, r.error_fbtrace_id, r.error_http_status)
 
@@ -125,16 +117,30 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
         if cur.rowcount and r.wamid:
             _replay_statuses(conn, r.wamid)
     elif r.state == "queued":
-        conn.execute(
+        due = r.due_at if r.due_at is not None else now
+        cur = conn.execute(
             f"UPDATE outbox SET state = 'queued', due_at = ?, attempts = attempts - ?, {_ERRORS} "
-            f"WHERE id = ? AND {_LEASED}",
-            (r.due_at if r.due_at is not None else now, int(r.refund), *_error_values(r), r.id, r.attempts),
-        )
+            f"WHERE id = ? AND {_LEASED} RETURNING rowid, tenant, recipient",
+            (due, int(r.refund), *_error_values(r), r.id, r.attempts),
+        ).fetchone()
+        if cur is not None and due > now:
+            _defer_followers(conn, cur[0], cur[1], cur[2], due)
     else:
         conn.execute(
             f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
             (int(r.needs_template), *_error_values(r), r.id, r.attempts),
         )
+
+
+def _defer_followers(conn: sqlite3.Connection, rowid: int, tenant: str, recipient: str, due: float) -> None:
+    """A user's later rows wait for the deferred head anyway; make them due no earlier than it, so
+    a claim never walks a long run of due-but-blocked rows (the `state IN` term keeps the
+    partial index `outbox_user` usable)."""
+    conn.execute(
+        f"UPDATE outbox SET due_at = ? WHERE tenant = ? AND recipient = ? AND {_PENDING} AND state = 'queued' "
+        "AND rowid > ? AND due_at < ?",
+        (due, tenant, recipient, rowid, due),
+    )
 
 
 def _replay_statuses(conn: sqlite3.Connection, wamid: str) -> None:

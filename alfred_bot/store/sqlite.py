@@ -394,8 +394,13 @@ class SqliteStore:
         await self._writer.submit(lambda conn: outbox.settle(conn, result, now))
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
-        result: float | None = await self._writer.read(lambda conn: outbox.next_due(conn, tenants))
-        return result
+        """On the reader connection: the writer thread is the bottleneck, and WAL lets this run beside it."""
+        dues = [
+            (await self._fetch(f"SELECT MIN(due_at) FROM outbox WHERE tenant = ? AND {outbox.PENDING}", (t,)))[0][0]
+            for t in sorted(tenants)
+        ]
+        known = [float(d) for d in dues if d is not None]
+        return min(known) if known else None
 
     async def message(self, outbox_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(
