@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -27,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import free_port, pinned  # noqa: E402
+from common import ALFRED_PYTHON, ALFRED_ROOT, alfred_version, free_port, loadavg, machine, pinned  # noqa: E402
+
+sys.path.insert(0, str(ALFRED_ROOT))  # the store code of the tree being measured fills its outbox
 
 from alfred_bot.context import new_outbox_id  # noqa: E402
 from alfred_bot.store import OutboxRow, SqliteStore  # noqa: E402
@@ -101,8 +104,8 @@ def scenario(name: str, rate: float, latency: float, n: int, workers: int) -> di
         )
         wait_up(f"http://127.0.0.1:{fake_port}/healthz")
         alfred = subprocess.Popen(
-            pinned([sys.executable, "main.py", "--config", str(config)], 0),
-            cwd=ROOT,
+            pinned([ALFRED_PYTHON, "main.py", "--config", str(config)], 0),
+            cwd=ALFRED_ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -115,6 +118,8 @@ def scenario(name: str, rate: float, latency: float, n: int, workers: int) -> di
                 if len(arrivals) >= n:
                     break
                 time.sleep(0.25)
+            records = get_json(f"http://127.0.0.1:{fake_port}/_stats")["records"]
+            inflight_max = get_json(f"http://127.0.0.1:{fake_port}/_count")["inflight_max"]
         finally:
             alfred.terminate()
             alfred.wait(timeout=30)
@@ -122,6 +127,8 @@ def scenario(name: str, rate: float, latency: float, n: int, workers: int) -> di
             fake.wait(timeout=10)
     span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
     achieved = (len(arrivals) - 1) / span
+    # Measured at the receiver: mean requests in flight = total time requests were open / span.
+    in_flight = sum(r[1] - r[0] for r in records) / span
     return {
         "scenario": name,
         "rate": rate,
@@ -130,8 +137,11 @@ def scenario(name: str, rate: float, latency: float, n: int, workers: int) -> di
         "expected": n,
         "achieved": achieved,
         "worst_window": worst_window(arrivals),
+        "largest_gap_ms": max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0) * 1000,
         "workers": workers,
         "utilisation": achieved * latency / workers,
+        "in_flight": in_flight,
+        "in_flight_max": inflight_max,
     }
 
 
@@ -140,6 +150,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each paced backlog (default 8)")
     args = parser.parse_args()
     s = args.seconds
+    load_before = loadavg()
     results = [
         scenario("80 msg/s, 0 ms", 80, 0.0, int(80 * s), 20),
         scenario("1000 msg/s, 100 ms", 1000, 0.1, int(1000 * s), 250),
@@ -148,13 +159,18 @@ def main() -> None:
     print(
         f"\npacing: backlog of ~{s:g} s per scenario; Alfred on CPU 0, fake Graph API on CPU 1; times at the receiver\n"
     )
-    print("| scenario | configured | sends | achieved msg/s | of configured | worst 1 s window | workers | pool busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"machine: {machine()} (load before: {load_before}); {alfred_version()}\n")
+    print(
+        "| scenario | configured | sends | achieved msg/s | of configured | worst 1 s window | workers "
+        "| pool busy (Little) | in flight at Graph: mean / max | largest gap between arrivals ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         share = f"{r['achieved'] / r['rate']:.1%}" if r["rate"] < 100_000 else "–"  # type: ignore[operator]
         print(
             f"| {r['scenario']} | {r['rate']:g} | {r['sends']}/{r['expected']} | {r['achieved']:.1f} | {share} | "
-            f"{r['worst_window']} | {r['workers']} | {r['utilisation']:.0%} |"
+            f"{r['worst_window']} | {r['workers']} | {r['utilisation']:.0%} | "
+            f"{r['in_flight']:.1f} / {r['in_flight_max']} | {r['largest_gap_ms']:.0f} |"
         )
     print(json.dumps(results))
 
