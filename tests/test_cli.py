@@ -130,6 +130,10 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def db(self) -> Path:
+        return self.config.parent / "alfred.db"
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8")
 
@@ -150,9 +154,9 @@ def _wait_healthy(server: Server) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_server(directory: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def running_server(directory: Path, env: dict[str, str] | None = None, extra: str = "") -> Iterator[Server]:
     port = free_port()
-    config = write_config(directory, port)
+    config = write_config(directory, port, extra=extra)
     stderr_path = directory / "server.stderr"
     with stderr_path.open("wb") as err, (directory / "server.stdout").open("wb") as out:
         proc = subprocess.Popen(

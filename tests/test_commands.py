@@ -7,11 +7,9 @@ proxies) and a timeout; servers are stopped (SIGTERM, then kill) in a `finally`.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,11 +27,12 @@ from tests.conftest import db_rows
 from tests.test_cli import (
     REPO,
     RUN_TIMEOUT,
-    START_TIMEOUT,
     STOP_TIMEOUT,
+    Server,
     clean_env,
     free_port,
     run_main,
+    running_server,
     write_config,
 )
 
@@ -64,68 +62,6 @@ def assert_one_clean_line(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in got[0], got[0]
     return got[0]
-
-
-def http(url: str) -> tuple[int, bytes]:
-    try:
-        with _opener.open(urllib.request.Request(url), timeout=10) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    config: Path
-    db: Path
-    stderr_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if server.proc.poll() is not None:
-            raise AssertionError(f"server exited: {server.stderr_path.read_text(encoding='utf-8')}")
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
-            if http(f"{server.url}/healthz")[0] == 200:
-                return
-        if time.monotonic() > deadline:
-            raise AssertionError("server did not become healthy in time")
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def running_server(directory: Path, env: dict[str, str], extra: str = "") -> Iterator[Server]:
-    port = free_port()
-    config = write_config(directory, port, extra=extra)
-    stderr_path = directory / "server.stderr"
-    with stderr_path.open("wb") as err, (directory / "server.stdout").open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "main.py", "--config", str(config)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
-    server = Server(proc, port, config, directory / "alfred.db", stderr_path)
-    try:
-        _wait_healthy(server)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT)
 
 
 def insert_failed(db: Path, outbox_id: str, *, tenant: str = "home", recipient: str = payloads.USER) -> None:
