@@ -11,6 +11,7 @@ touched. Work is done in batches so no transaction holds the writer for long.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -55,7 +56,8 @@ class Retention:
             done["scrubbed"] += changed
         while changed := await self._store.purge(gone):
             done["deleted"] += changed
-        done["media_files"] = media.prune(self._media_dir, self._media_days * DAY, now)
+        # file I/O off the event loop: a folder of thousands of files must not stall webhooks
+        done["media_files"] = await asyncio.to_thread(media.prune, self._media_dir, self._media_days * DAY, now)
         self.totals.update(done)
         if any(done.values()):
             log.info("retention: %(scrubbed)d rows scrubbed, %(deleted)d deleted, %(media_files)d media files", done)

@@ -25,7 +25,12 @@ def _given_digest(header: str | None) -> bytes | None:
 
 
 def signature_scopes(body: bytes, header: str | None, keyring: Mapping[str | None, tuple[str, ...]]) -> set[str | None]:
-    """Which owners' secrets produced `header`: tenant names, or None for the global app secret.
+    """Which owners' secrets produced `header` (`sha256=<hex>` of HMAC-SHA256 over the raw body):
+    tenant names, or None for the global app secret.
+
+    The raw bytes are hashed exactly as received: Meta signs its escaped-unicode serialisation,
+    so re-encoding parsed JSON would not match. Hex case is ignored (the digest is the same).
+    An owner may hold two secrets, so an app secret can be rotated without refusing webhooks.
 
     Every secret is compared (constant time) even after a match, so timing does not tell which
     owner a guess hit. An empty set means the signature is invalid for everyone.
@@ -41,20 +46,6 @@ def signature_scopes(body: bytes, header: str | None, keyring: Mapping[str | Non
             if hmac.compare_digest(digest, given):
                 owners.add(owner)
     return owners
-
-
-def signature_ok(body: bytes, header: str | None, secrets: tuple[str, ...]) -> bool:
-    """True when `header` is `sha256=<hex>` of HMAC-SHA256(secret, raw body) for any secret.
-
-    The raw bytes are hashed exactly as received: Meta signs its escaped-unicode serialisation,
-    so re-encoding parsed JSON would not match. Hex case is ignored (the digest is the same).
-    Several secrets are accepted so an app secret can be rotated without refusing webhooks.
-    """
-    given = _given_digest(header)
-    if given is None:
-        return False
-    matches = [hmac.compare_digest(hmac.new(s.encode(), body, hashlib.sha256).digest(), given) for s in secrets]
-    return any(matches)
 
 
 def token_ok(given: str | None, expected: str | None) -> bool:

@@ -25,7 +25,6 @@ INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, crea
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
 """
 PENDING = "state IN ('queued', 'sending')"
-_PENDING = PENDING
 #: A settle applies only to the claim it answers: same row, still leased, same attempt.
 _LEASED = "state = 'sending' AND attempts = ?"
 _ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_id = ?, error_http_status = ?"
@@ -77,9 +76,9 @@ def claim(
             "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
             # `+o.due_at`: keep the planner on outbox_claim (ordered by priority, due_at) instead of
             # sorting every due row of a large backlog through a temp B-tree to take a few.
-            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{_PENDING} AND +o.due_at <= ? {held_sql} "
+            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND +o.due_at <= ? {held_sql} "
             f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
-            f"AND e.{_PENDING} AND e.rowid < o.rowid) "
+            f"AND e.{PENDING} AND e.rowid < o.rowid) "
             "ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) "
             "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at",
             (now + lease, tenant, now, *sorted(held), quota),
@@ -137,7 +136,7 @@ def _defer_followers(conn: sqlite3.Connection, rowid: int, tenant: str, recipien
     a claim never walks a long run of due-but-blocked rows (the `state IN` term keeps the
     partial index `outbox_user` usable)."""
     conn.execute(
-        f"UPDATE outbox SET due_at = ? WHERE tenant = ? AND recipient = ? AND {_PENDING} AND state = 'queued' "
+        f"UPDATE outbox SET due_at = ? WHERE tenant = ? AND recipient = ? AND {PENDING} AND state = 'queued' "
         "AND rowid > ? AND due_at < ?",
         (due, tenant, recipient, rowid, due),
     )
