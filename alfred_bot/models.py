@@ -8,7 +8,8 @@ ignored (Meta adds fields all the time); missing required ones make that one ite
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+import json
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 
@@ -34,6 +35,31 @@ class WireError(_Wire, frozen=True):
     message: str | None = None
     error_data: ErrorData | None = None
     href: str | None = None
+
+
+#: An absent raw part (msgspec cannot put `Raw` in a union with None): falsy, unlike `null`.
+NO_RAW = msgspec.Raw()
+
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+_wire_error = msgspec.json.Decoder(WireError, strict=False)
+
+
+def lenient_errors(raw: msgspec.Raw | None) -> list[WireError] | None:
+    """Meta's `errors` array, keeping every element that decodes: one malformed error object must
+    not cost the message (or status) that carries it. A lone object is taken as a one-item list."""
+    if not raw:
+        return None
+    try:
+        items = _raw_list.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        items = [raw]
+    errors: list[WireError] = []
+    for item in items:
+        try:
+            errors.append(_wire_error.decode(item))
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            continue
+    return errors or None
 
 
 class ReferredProduct(_Wire, frozen=True):
@@ -193,11 +219,21 @@ class NfmReply(_Wire, frozen=True):
     response_json: str | None = None
 
 
+class CallPermissionReply(_Wire, frozen=True):
+    """The user's answer to our call permission request: `accept` or `reject`."""
+
+    response: str | None = None
+    is_permanent: bool | None = None
+    expiration_timestamp: Int64 | None = None
+    response_source: str | None = None  # user_action | automatic
+
+
 class Interactive(_Wire, frozen=True):
     type: str
     button_reply: ButtonReply | None = None
     list_reply: ListReply | None = None
     nfm_reply: NfmReply | None = None
+    call_permission_reply: CallPermissionReply | None = None
 
 
 class Button(_Wire, frozen=True):
@@ -239,6 +275,55 @@ class UnsupportedInfo(_Wire, frozen=True):
     type: str | None = None
 
 
+class EditedText(_Wire, frozen=True):
+    body: str | None = None
+
+
+class EditedMedia(_Wire, frozen=True):
+    """The media of an edited message: only the caption can change, so nothing here is required."""
+
+    id: str | None = None
+    mime_type: str | None = None
+    sha256: str | None = None
+    caption: str | None = None
+    filename: str | None = None
+    url: str | None = None
+
+
+class _EditedBody(_Wire, frozen=True):
+    """Where an edit's new content may sit: Meta nests it in `edit.message`; read it flat as well."""
+
+    text: EditedText | None = None
+    image: EditedMedia | None = None
+    video: EditedMedia | None = None
+    document: EditedMedia | None = None
+    audio: EditedMedia | None = None
+    sticker: EditedMedia | None = None
+
+    @property
+    def new_text(self) -> str | None:
+        if self.text is not None and self.text.body is not None:
+            return self.text.body
+        media = self.image or self.video or self.document
+        return media.caption if media else None
+
+
+class EditedMessage(_EditedBody, frozen=True):
+    """The message as it reads after the edit (`edit.message`)."""
+
+    type: str | None = None
+    context: Context | None = None
+
+
+class Edit(_EditedBody, frozen=True):
+    original_message_id: str | None = None
+    message: EditedMessage | None = None
+
+
+class Revoke(_Wire, frozen=True):
+    original_message_id: str | None = None
+
+
 # ---------------------------------------------------------------------------- messages
 
 
@@ -252,7 +337,7 @@ class BaseMessage(_Wire, frozen=True, kw_only=True, tag_field="type"):
     timestamp: Int64
     context: Context | None = None
     referral: Referral | None = None
-    errors: list[WireError] | None = None
+    errors_raw: msgspec.Raw = msgspec.field(default=NO_RAW, name="errors")
 
     @property
     def type(self) -> str:
@@ -261,12 +346,37 @@ class BaseMessage(_Wire, frozen=True, kw_only=True, tag_field="type"):
 
     @property
     def sender(self) -> str:
-        """Who sent it: the phone number, else the user id (one of them is always present)."""
+        """Who sent it: the phone number, else the user id ("" only on an item kept with a parse error)."""
         return self.from_ or self.from_user_id or ""
 
     @property
+    def errors(self) -> list[WireError] | None:
+        """Meta's `errors` on this message (unsupported types, …), every element that decodes."""
+        return lenient_errors(self.errors_raw)
+
+    @property
     def text(self) -> str | None:
-        """The human-readable text: body, caption or tapped title; None when there is none."""
+        """The human-readable text: body, caption, tapped title, new text of an edit; None when there is none."""
+        return None
+
+    @property
+    def edited_id(self) -> str | None:
+        """For an edit: the id of the message it changes."""
+        return None
+
+    @property
+    def revoked_id(self) -> str | None:
+        """For a revoke: the id of the message the user deleted."""
+        return None
+
+    @property
+    def call_permission_response(self) -> str | None:
+        """For a call permission reply: `accept` or `reject` (as Meta sent it)."""
+        return None
+
+    @property
+    def flow_response(self) -> dict[str, Any] | None:
+        """For a flow completion: the decoded `response_json` object (None if absent or not a JSON object)."""
         return None
 
 
@@ -329,8 +439,23 @@ class InteractiveMessage(BaseMessage, frozen=True, kw_only=True, tag="interactiv
 
     @property
     def text(self) -> str | None:
+        """Tapped title, else the flow's body, else the call permission response."""
         reply = self.interactive.button_reply or self.interactive.list_reply
-        return reply.title if reply else None
+        if reply is not None:
+            return reply.title
+        if self.interactive.nfm_reply is not None:
+            return self.interactive.nfm_reply.body
+        return self.call_permission_response
+
+    @property
+    def call_permission_response(self) -> str | None:
+        answer = self.interactive.call_permission_reply
+        return answer.response if answer else None
+
+    @property
+    def flow_response(self) -> dict[str, Any] | None:
+        flow = self.interactive.nfm_reply
+        return _json_object(flow.response_json) if flow else None
 
 
 class ButtonMessage(BaseMessage, frozen=True, kw_only=True, tag="button"):
@@ -373,8 +498,39 @@ class LegacyUnknownMessage(BaseMessage, frozen=True, kw_only=True, tag="unknown"
     unsupported: UnsupportedInfo | None = None
 
 
+class EditMessage(BaseMessage, frozen=True, kw_only=True, tag="edit"):
+    """The user edited an earlier message (text, or a media caption) within 15 minutes."""
+
+    edit: Edit
+
+    @property
+    def text(self) -> str | None:
+        inner = self.edit.message
+        new = inner.new_text if inner is not None else None
+        return new if new is not None else self.edit.new_text
+
+    @property
+    def edited_id(self) -> str | None:
+        return self.edit.original_message_id
+
+
+class RevokeMessage(BaseMessage, frozen=True, kw_only=True, tag="revoke"):
+    """The user deleted an earlier message for everyone."""
+
+    revoke: Revoke
+
+    @property
+    def revoked_id(self) -> str | None:
+        return self.revoke.original_message_id
+
+
+class RequestWelcomeMessage(BaseMessage, frozen=True, kw_only=True, tag="request_welcome"):
+    """The user opened the chat for the first time (no content: a welcome is expected)."""
+
+
 class UnknownMessage(_Wire, frozen=True, kw_only=True):
-    """A message type this version does not know yet: kept whole, with its raw JSON."""
+    """A message type this version does not know yet, or a known one that failed to decode
+    (then `InboundItem.parse_error` says why): kept whole, with its raw JSON."""
 
     id: str
     type: str
@@ -383,12 +539,33 @@ class UnknownMessage(_Wire, frozen=True, kw_only=True):
     timestamp: Int64
     context: Context | None = None
     raw: bytes = b""
+    errors_raw: msgspec.Raw = NO_RAW
+    parse_error: str | None = None  # why a message of a known type (or without a sender) is kept this way
 
     text: ClassVar[None] = None
+    edited_id: ClassVar[None] = None
+    revoked_id: ClassVar[None] = None
+    call_permission_response: ClassVar[None] = None
+    flow_response: ClassVar[None] = None
 
     @property
     def sender(self) -> str:
         return self.from_ or self.from_user_id or ""
+
+    @property
+    def errors(self) -> list[WireError] | None:
+        return lenient_errors(self.errors_raw)
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    """`response_json` decoded; None when absent, not JSON, or not an object."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 KnownMessage = (
@@ -407,21 +584,13 @@ KnownMessage = (
     | SystemMessage
     | UnsupportedMessage
     | LegacyUnknownMessage
+    | EditMessage
+    | RevokeMessage
+    | RequestWelcomeMessage
 )
 Message = KnownMessage | UnknownMessage
 
 KNOWN_TYPES: frozenset[str] = frozenset(str(cls.__struct_config__.tag) for cls in KnownMessage.__args__)
-
-
-class MessageHead(_Wire, frozen=True, kw_only=True):
-    """Just enough of any message to keep an unknown type: decoded only when the typed decode fails."""
-
-    id: str
-    type: str
-    from_: str | None = msgspec.field(default=None, name="from")
-    from_user_id: str | None = None
-    timestamp: Int64
-    context: Context | None = None
 
 
 # ---------------------------------------------------------------------------- envelope parts
@@ -429,6 +598,7 @@ class MessageHead(_Wire, frozen=True, kw_only=True):
 
 class Profile(_Wire, frozen=True):
     name: str | None = None
+    username: str | None = None  # a user's WhatsApp username (2026), for display only: it can change
 
 
 class Contact(_Wire, frozen=True):
@@ -437,6 +607,7 @@ class Contact(_Wire, frozen=True):
     profile: Profile | None = None
     wa_id: str | None = None
     user_id: str | None = None
+    parent_user_id: str | None = None  # the parent BSUID, for linked business portfolios
     identity_key_hash: str | None = None
 
     @property
@@ -463,22 +634,29 @@ class Status(_Wire, frozen=True):
     status: str
     timestamp: Int64
     recipient_id: str | None = None
+    recipient_user_id: str | None = None  # username-only users (BSUID, 2026): no recipient_id
     recipient_type: str | None = None
     recipient_participant_id: str | None = None
     biz_opaque_callback_data: str | None = None
     pricing: Pricing | None = None
-    errors: list[WireError] | None = None
+    errors_raw: msgspec.Raw = msgspec.field(default=NO_RAW, name="errors")
+
+    @property
+    def errors(self) -> list[WireError] | None:
+        """Why it failed (`failed` statuses), every element that decodes."""
+        return lenient_errors(self.errors_raw)
 
 
 class MessagesValue(_Wire, frozen=True):
-    """`value` of a `messages` change; each list stays raw so one bad item cannot sink its siblings."""
+    """`value` of a `messages` change; every part stays raw and is decoded on its own, so one bad
+    part (or one bad item in a list) cannot sink its siblings."""
 
-    metadata: Metadata | None = None
-    messaging_product: str | None = None
-    contacts: list[msgspec.Raw] | None = None
-    messages: list[msgspec.Raw] | None = None
-    statuses: list[msgspec.Raw] | None = None
-    errors: list[msgspec.Raw] | None = None
+    metadata: msgspec.Raw = NO_RAW
+    messaging_product: msgspec.Raw = NO_RAW
+    contacts: msgspec.Raw = NO_RAW
+    messages: msgspec.Raw = NO_RAW
+    statuses: msgspec.Raw = NO_RAW
+    errors: msgspec.Raw = NO_RAW
 
 
 class Change(_Wire, frozen=True):
@@ -487,8 +665,10 @@ class Change(_Wire, frozen=True):
 
 
 class Entry(_Wire, frozen=True):
-    id: str | None = None
-    time: Int64 | None = None
+    """One `entry[]`: `id` (the WABA id) and `time` are read leniently, never failing the entry."""
+
+    id: msgspec.Raw = NO_RAW
+    time: msgspec.Raw = NO_RAW
     changes: list[msgspec.Raw] | None = None
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from alfred_bot.config import Config, ConfigError
-from alfred_bot.models import ButtonMessage, InteractiveMessage, Message, ReactionMessage, Status
+from alfred_bot.models import ButtonMessage, InteractiveMessage, Message, ReactionMessage, Status, UnknownMessage
 
 if TYPE_CHECKING:
     from alfred_bot.context import Context, StatusContext
@@ -60,8 +60,14 @@ def _pattern(value: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
 
 
 def _of_types(types: tuple[str, ...]) -> Filter:
+    """Messages of these types; never one kept with a parse error (it is routed like an unknown
+    type, to the default), so a `text` handler never gets a text without its text."""
     wanted = frozenset(types)
-    return lambda m: m.type in wanted
+    return lambda m: m.type in wanted and not _broken(m)
+
+
+def _broken(message: Message) -> bool:
+    return isinstance(message, UnknownMessage) and message.parse_error is not None
 
 
 def _text_matches(pattern: re.Pattern[str]) -> Filter:
@@ -90,6 +96,10 @@ def _reply_id(message: Message) -> str | None:
 
 def _payload(message: Message) -> str | None:
     return message.button.payload if isinstance(message, ButtonMessage) else None
+
+
+def _call_permission(message: Message) -> str | None:
+    return message.call_permission_response
 
 
 def _emoji(message: Message) -> str | None:
@@ -158,6 +168,10 @@ class Router:
     def button(self, *payloads: str, pattern: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
         """Taps on a template's quick-reply button, by its `payload` (any, if none given)."""
         return self.route(_value_matches(_payload, payloads, _pattern(pattern)))
+
+    def call_permission(self, *responses: str) -> Callable[[Handler], Handler]:
+        """The user's answer to our call permission request: `"accept"` or `"reject"` (any, if none given)."""
+        return self.route(_value_matches(_call_permission, responses, None))
 
     def reaction(self, *emojis: str) -> Callable[[Handler], Handler]:
         """Reactions to our messages, optionally only these emojis ("" is a removed reaction)."""

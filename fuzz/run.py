@@ -80,6 +80,17 @@ TOKENS = [
     "button_reply",
     "list_reply",
     "nfm_reply",
+    "call_permission_reply",
+    "response",
+    "accept",
+    "reject",
+    "response_json",
+    "edit",
+    "revoke",
+    "original_message_id",
+    "request_welcome",
+    "recipient_user_id",
+    "time",
     "payload",
     "emoji",
     "message_id",
@@ -113,7 +124,8 @@ TOKENS = [
 
 
 def seeds() -> list[bytes]:
-    msgs = [dict(m, id=f"wamid.SEED.{kind}") for kind, m in payloads.SAMPLES.items()]
+    samples = {**payloads.SAMPLES, **payloads.SAMPLES_2025}
+    msgs = [dict(m, id=f"wamid.SEED.{kind}") for kind, m in samples.items()]
     bodies = [payloads.body_of(m) for m in msgs]
     bodies.append(payloads.body_of(*msgs))
     statuses = [payloads.status("wamid.OUT", s) for s in ("sent", "delivered", "read", "failed", "played")]

@@ -89,6 +89,23 @@ SAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Types Meta documents since 2025, kept apart from `SAMPLES` (whose every type other tests expect
+#: an echo for): an edit and a revoke (WhatsApp Business app "coexistence" numbers) and the
+#: first-open `request_welcome`. Meta: Webhooks > messages > edit / revoke / request_welcome,
+#: developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages/
+SAMPLES_2025: dict[str, dict[str, Any]] = {
+    "edit": message(
+        "edit",
+        {
+            "original_message_id": "wamid.ORIGINAL1",
+            "message": {"context": {"id": "wamid.CTX1"}, "type": "text", "text": {"body": "fixed typo"}},
+        },
+    ),
+    "revoke": message("revoke", {"original_message_id": "wamid.ORIGINAL2"}),
+    "request_welcome": message("request_welcome"),
+}
+
+
 def status(msg_id: str, state: str = "delivered", **extra: Any) -> dict[str, Any]:
     return {"id": msg_id, "status": state, "timestamp": TS, "recipient_id": USER, **extra}
 

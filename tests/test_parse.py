@@ -18,12 +18,15 @@ from alfred_bot.models import (
     ButtonMessage,
     ContactsMessage,
     DocumentMessage,
+    EditMessage,
     ImageMessage,
     InteractiveMessage,
     LegacyUnknownMessage,
     LocationMessage,
     OrderMessage,
     ReactionMessage,
+    RequestWelcomeMessage,
+    RevokeMessage,
     StickerMessage,
     SystemMessage,
     TextMessage,
@@ -39,6 +42,7 @@ from alfred_bot.parse import (
     ParsedBody,
     decode_message,
     parse_body,
+    read_message,
 )
 from tests import payloads as p
 
@@ -101,6 +105,9 @@ EXPECTED_CLASS: dict[str, type[BaseMessage]] = {
     "order": OrderMessage,
     "system": SystemMessage,
     "unsupported": UnsupportedMessage,
+    "edit": EditMessage,
+    "revoke": RevokeMessage,
+    "request_welcome": RequestWelcomeMessage,
 }
 
 EXPECTED_TEXT: dict[str, str | None] = {
@@ -118,18 +125,22 @@ EXPECTED_TEXT: dict[str, str | None] = {
     "order": "please deliver",
     "system": "User changed number",
     "unsupported": None,
+    "edit": "fixed typo",
+    "revoke": None,
+    "request_welcome": None,
 }
+ALL_SAMPLES = {**p.SAMPLES, **p.SAMPLES_2025}
 
 
 def test_samples_cover_every_known_type() -> None:
-    """The sample set and the expectations here span every known type but the legacy alias."""
-    assert set(p.SAMPLES) == set(EXPECTED_CLASS) == set(EXPECTED_TEXT) == KNOWN_TYPES - {"unknown"}
+    """The sample sets and the expectations here span every known type but the legacy alias."""
+    assert set(ALL_SAMPLES) == set(EXPECTED_CLASS) == set(EXPECTED_TEXT) == KNOWN_TYPES - {"unknown"}
 
 
-@pytest.mark.parametrize("kind", sorted(p.SAMPLES))
+@pytest.mark.parametrize("kind", sorted(ALL_SAMPLES))
 def test_sample_decodes_to_its_class(kind: str) -> None:
     """Each sample becomes its own class with the right type, sender, int timestamp, text and routing."""
-    msg = p.SAMPLES[kind]
+    msg = ALL_SAMPLES[kind]
     item = only_item(msg)
     m = item.message
     assert type(m) is EXPECTED_CLASS[kind]
@@ -289,7 +300,8 @@ def test_interactive_nfm_reply_keeps_response_json_string() -> None:
     assert json.loads(m.interactive.nfm_reply.response_json)["flow_token"] == "tok-1"
     assert (m.interactive.nfm_reply.name, m.interactive.nfm_reply.body) == ("flow", "Sent")
     assert m.reply_id is None
-    assert m.text is None
+    assert m.text == "Sent"  # the flow's body, as WhatsApp shows it in the chat
+    assert m.flow_response == {"flow_token": "tok-1", "date": "2026-01-01", "choice": ["a", "b"]}
 
 
 def test_button_payload_and_text() -> None:
@@ -393,17 +405,18 @@ def test_unknown_extra_fields_are_ignored() -> None:
     "msg",
     [
         p.message("poll", {"question": "Lunch?", "options": ["yes", "no"]}),
-        p.message("edit", {"original_message_id": "wamid.X", "text": {"body": "fixed"}}),
+        p.message("pin", {"original_message_id": "wamid.X", "duration": 86400}),
         p.message("hologram"),
         p.message("poll", {"q": 1}, context={"from": "15550001111", "id": "wamid.BIZ9"}),
     ],
-    ids=["poll", "edit", "no-payload", "with-context"],
+    ids=["poll", "pin", "no-payload", "with-context"],
 )
 def test_unknown_type_becomes_unknown_message_with_exact_raw(msg: dict[str, Any]) -> None:
     """A type this version does not know is kept whole: type name, head fields and exact raw bytes."""
     item = only_item(msg)
     m = item.message
     assert isinstance(m, UnknownMessage)
+    assert item.parse_error is None  # a type we do not know yet is not an error
     assert m.type == msg["type"]
     assert m.id == msg["id"]
     assert m.sender == p.USER
@@ -445,9 +458,19 @@ def test_decode_message_accepts_plain_bytes() -> None:
     assert (m.id, m.type, m.raw) == ("wamid.P", "poll", raw)
 
 
-def test_decode_message_raises_malformed_item_for_broken_known_type() -> None:
-    with pytest.raises(MalformedItem):
-        decode_message(json.dumps(p.message("text", {"body": None})).encode())
+def test_decode_message_keeps_a_broken_known_type_with_the_reason() -> None:
+    """A known type that fails to decode is an `UnknownMessage` of that type plus the reason (a
+    restart reads the same back from the stored raw JSON)."""
+    raw = json.dumps(p.message("text", {"body": None}, id="wamid.BROKEN")).encode()
+    message, problem = read_message(raw)
+    assert isinstance(message, UnknownMessage)
+    assert (message.id, message.type, message.sender, message.raw) == ("wamid.BROKEN", "text", p.USER, raw)
+    assert problem is not None
+    assert "text" in problem
+    assert decode_message(raw) == message
+    for no_id in ({"type": "text", "text": {"body": "x"}}, {"id": 7, "type": "text"}, {"id": ""}, [1], "x"):
+        with pytest.raises(MalformedItem):  # only a message without a usable id cannot be kept
+            decode_message(json.dumps(no_id).encode())
 
 
 # ---------------------------------------------------------------------------- context and referral
@@ -521,33 +544,38 @@ def _without(msg: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in msg.items() if k != key}
 
 
+#: Messages without a usable id: nothing can key them, so they are quarantined (still kept raw).
 BAD_MESSAGES: dict[str, Any] = {
+    "missing-id": _without(p.text("x"), "id"),
+    "not-an-object-string": "just a string",
+    "not-an-object-number": 42,
+    "not-an-object-list": [p.text("x")],
+    "not-an-object-null": None,
+    "unknown-type-missing-id": _without(p.message("poll", {"q": 1}), "id"),
+}
+
+#: Messages WITH an id that cannot be read as their type: kept as items with a parse error.
+BROKEN_MESSAGES: dict[str, Any] = {
     "text-null": {**p.text("x"), "text": None},
     "text-missing": _without(p.text("x"), "text"),
-    "missing-id": _without(p.text("x"), "id"),
     "timestamp-abc": p.text("x", timestamp="abc"),
     "timestamp-null": p.text("x", timestamp=None),
     "body-not-string": p.message("text", {"body": 42}),
     "body-object": p.message("text", {"body": {"nested": "x"}}),
     "image-without-id": p.message("image", {"caption": "no id"}),
     "location-string-coords": p.message("location", {"latitude": "north", "longitude": 1.0}),
-    "not-an-object-string": "just a string",
-    "not-an-object-number": 42,
-    "not-an-object-list": [p.text("x")],
-    "not-an-object-null": None,
     "no-sender": _without(p.text("x"), "from"),
     "null-sender": p.text("x", sender=None),
     "empty-sender": p.text("x", sender=""),
     "no-type": _without(p.text("x"), "type"),
     "type-not-string": p.text("x", type=7),
-    "unknown-type-missing-id": _without(p.message("poll", {"q": 1}), "id"),
     "unknown-type-bad-timestamp": p.message("poll", {"q": 1}, timestamp="soon"),
     "unknown-type-no-sender": _without(p.message("poll", {"q": 1}), "from"),
 }
 
 
 @pytest.mark.parametrize("bad", list(BAD_MESSAGES.values()), ids=list(BAD_MESSAGES))
-def test_malformed_message_is_skipped_and_siblings_kept(bad: Any) -> None:
+def test_message_without_usable_id_is_skipped_and_siblings_kept(bad: Any) -> None:
     first, last = p.text("before"), p.text("after")
     parsed = parse_messages(first, bad, last)
     assert ids(parsed) == [first["id"], last["id"]]
@@ -555,11 +583,27 @@ def test_malformed_message_is_skipped_and_siblings_kept(bad: Any) -> None:
     assert parsed.skipped == 1
 
 
+@pytest.mark.parametrize("bad", list(BROKEN_MESSAGES.values()), ids=list(BROKEN_MESSAGES))
+def test_broken_message_with_id_is_kept_with_its_parse_error(bad: dict[str, Any]) -> None:
+    """Never dropped: the broken one is its own item (raw kept, reason given), its siblings intact."""
+    first, last = p.text("before"), p.text("after")
+    parsed = parse_messages(first, bad, last)
+    assert ids(parsed) == [first["id"], bad["id"], last["id"]]
+    assert parsed.skipped == 0
+    before, broken, after = parsed.messages
+    assert (before.message.text, after.message.text) == ("before", "after")
+    assert before.parse_error is None and after.parse_error is None
+    assert isinstance(broken.message, UnknownMessage)
+    assert broken.parse_error
+    assert broken.raw == json.dumps(bad).encode()
+    assert broken.message.type == (bad.get("type") if isinstance(bad.get("type"), str) else "unknown")
+
+
 def test_several_malformed_messages_are_each_counted() -> None:
-    good = p.text("ok")
-    parsed = parse_messages(None, good, 5, {**p.text("x"), "text": None})
-    assert ids(parsed) == [good["id"]]
-    assert parsed.skipped == 3
+    good, broken = p.text("ok"), {**p.text("x"), "text": None}
+    parsed = parse_messages(None, good, 5, broken)
+    assert ids(parsed) == [good["id"], broken["id"]]
+    assert parsed.skipped == 2
 
 
 def test_malformed_contact_is_skipped_message_kept() -> None:
@@ -577,8 +621,6 @@ BAD_CHANGES: dict[str, Any] = {
     "value-number": p.change(5),
     "value-list": p.change([p.text("lost")]),
     "value-string": p.change("messages"),
-    "messages-without-metadata": p.change({"messaging_product": "whatsapp", "messages": [p.text("lost")]}),
-    "metadata-without-pnid": p.change({"metadata": {"display_phone_number": "1"}, "messages": [p.text("lost")]}),
     "messages-not-a-list": p.change({**p.value([]), "messages": {"0": p.text("lost")}}),
     "change-not-an-object": "messages",
     "change-null": None,
@@ -598,6 +640,21 @@ def test_malformed_change_is_skipped_and_others_kept(bad: Any) -> None:
     assert [item.tenant for item in parsed.messages] == ["home", "home", "biz"]
     assert parsed.skipped == 1
     assert parsed.events == []
+
+
+@pytest.mark.parametrize(
+    "val",
+    [
+        {"messaging_product": "whatsapp", "messages": [p.text("kept")]},
+        {"metadata": {"display_phone_number": "1"}, "messages": [p.text("kept")]},
+        {"metadata": {"phone_number_id": 123}, "messages": [p.text("kept")]},
+    ],
+    ids=["no-metadata", "no-pnid", "pnid-not-string"],
+)
+def test_messages_without_usable_metadata_are_kept_unowned(val: dict[str, Any]) -> None:
+    """Without Meta's phone number id no tenant owns the messages, but they are not lost."""
+    [item] = parse(p.envelope(p.entry(p.change(val)))).messages
+    assert (item.phone_number_id, item.tenant, item.message.text) == ("", None, "kept")
 
 
 BAD_ENTRIES: dict[str, Any] = {
@@ -881,13 +938,16 @@ def test_no_contact_when_several_and_none_match() -> None:
     assert item.contact is None
 
 
-def test_single_contact_used_when_from_differs() -> None:
-    """`wa_id` may differ from `from` (e.g. country formatting); a lone contact is the sender."""
+def test_single_contact_contradicting_from_is_not_the_sender() -> None:
+    """A lone contact whose `wa_id` names another number describes someone else: never attach its
+    name (or ids) to this sender."""
     contact = {"profile": {"name": "Ana"}, "wa_id": "5491155551234"}
     [item] = parse_messages(p.text("hola", sender="54911155551234"), contacts=[contact]).messages
-    assert item.contact is not None
-    assert item.contact.wa_id == "5491155551234"
-    assert item.contact.name == "Ana"
+    assert item.contact is None
+    assert item.message.sender == "54911155551234"
+    [lone] = parse_messages(p.text("hola"), contacts=[{"profile": {"name": "Ana"}}]).messages
+    assert lone.contact is not None  # a lone contact without ids contradicts nothing: it is the sender
+    assert lone.contact.name == "Ana"
 
 
 def test_contact_without_profile_has_no_name() -> None:
@@ -910,7 +970,7 @@ def test_status_states(state: str) -> None:
     assert item.status.status == state
     assert item.status.timestamp == int(p.TS)
     assert item.status.recipient_id == p.USER
-    assert item.key == f"wamid.OUT1:{state}"
+    assert item.key == f"{p.PNID}:wamid.OUT1:{state}"
     assert item.phone_number_id == p.PNID
     assert item.tenant == "home"
 
@@ -932,7 +992,7 @@ def test_failed_status_errors() -> None:
     assert got.error_data is not None
     assert got.error_data.details == err["error_data"]["details"]
     assert got.href == err["href"]
-    assert item.key == "wamid.OUT2:failed"
+    assert item.key == f"{p.PNID}:wamid.OUT2:failed"
 
 
 def test_status_pricing_and_callback_data() -> None:
@@ -965,15 +1025,26 @@ def test_status_raw_is_exact() -> None:
 def test_status_key_distinguishes_states_and_matches_redeliveries() -> None:
     a = parse_statuses(p.status("wamid.K", "delivered"), p.status("wamid.K", "read")).statuses
     b = parse_statuses(p.status("wamid.K", "read")).statuses
-    assert [s.key for s in a] == ["wamid.K:delivered", "wamid.K:read"]
+    assert [s.key for s in a] == [f"{p.PNID}:wamid.K:delivered", f"{p.PNID}:wamid.K:read"]
     assert b[0].key == a[1].key
+    other = parse_statuses(p.status("wamid.K", "read"), pnid=p.BIZ_PNID).statuses
+    assert other[0].key != a[1].key  # message ids are scoped by phone number
+
+
+def test_status_errors_that_are_not_a_list_are_read_leniently() -> None:
+    """A lone error object is taken as a one-item list; a malformed element is dropped, not the status."""
+    [lone, mixed] = parse_statuses(
+        p.status("wamid.E1", "failed", errors={"code": 131047}),
+        p.status("wamid.E2", "failed", errors=[{"code": "not a number"}, {"code": 131026}]),
+    ).statuses
+    assert [e.code for e in lone.status.errors or ()] == [131047]
+    assert [e.code for e in mixed.status.errors or ()] == [131026]
 
 
 BAD_STATUSES: dict[str, Any] = {
     "missing-id": _without(p.status("x"), "id"),
     "missing-status": _without(p.status("x"), "status"),
     "timestamp-abc": p.status("x", timestamp="abc"),
-    "errors-not-a-list": p.status("x", "failed", errors={"code": 1}),
     "not-an-object": "wamid.X",
     "null": None,
 }
@@ -982,7 +1053,7 @@ BAD_STATUSES: dict[str, Any] = {
 @pytest.mark.parametrize("bad", list(BAD_STATUSES.values()), ids=list(BAD_STATUSES))
 def test_malformed_status_is_skipped_and_siblings_kept(bad: Any) -> None:
     parsed = parse_statuses(p.status("wamid.A", "sent"), bad, p.status("wamid.B", "read"))
-    assert [s.key for s in parsed.statuses] == ["wamid.A:sent", "wamid.B:read"]
+    assert [s.status.id for s in parsed.statuses] == ["wamid.A", "wamid.B"]
     assert parsed.skipped == 1
 
 
@@ -990,7 +1061,7 @@ def test_status_in_same_change_as_bad_message() -> None:
     """A bad message does not sink a status of the same change."""
     val = p.value([None], statuses=[p.status("wamid.C", "delivered")])
     parsed = parse(p.envelope(p.entry(p.change(val))))
-    assert [s.key for s in parsed.statuses] == ["wamid.C:delivered"]
+    assert [s.status.id for s in parsed.statuses] == ["wamid.C"]
     assert parsed.messages == []
     assert parsed.skipped == 1
 

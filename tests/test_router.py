@@ -59,18 +59,21 @@ def _matches(router: Router, msg: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------- matching (pure)
 
 
-@pytest.mark.parametrize("kind", sorted(payloads.SAMPLES))
+ALL_SAMPLES = {**payloads.SAMPLES, **payloads.SAMPLES_2025}
+
+
+@pytest.mark.parametrize("kind", sorted(ALL_SAMPLES))
 def test_message_type_filter_accepts_only_its_type(kind: str) -> None:
     router = Router()
     router.message(kind)(_noop)
-    for other, sample in payloads.SAMPLES.items():
+    for other, sample in ALL_SAMPLES.items():
         assert _matches(router, sample) is (other == kind), other
 
 
 def test_message_without_types_accepts_every_type() -> None:
     router = Router()
     router.message()(_noop)
-    assert all(_matches(router, sample) for sample in payloads.SAMPLES.values())
+    assert all(_matches(router, sample) for sample in ALL_SAMPLES.values())
 
 
 def test_text_regex_searches_the_text_and_captions() -> None:
@@ -181,6 +184,46 @@ def test_reaction_any_or_by_emoji() -> None:
     assert _matches(removed, _reaction(None))  # an absent emoji is a removed reaction
     assert _matches(removed, _reaction(""))
     assert not _matches(removed, _reaction("👍"))
+
+
+def _call_permission(response: str) -> dict[str, Any]:
+    """The user's answer to our call permission request. Meta: Calling > User call permissions,
+    developers.facebook.com/docs/whatsapp/cloud-api/calling/user-call-permissions (interactive
+    `call_permission_reply`; field names also in whatsapp-api-js ServerInteractiveCallPermissionMessage)."""
+    reply = {"response": response, "is_permanent": False, "expiration_timestamp": 1760600000}
+    return payloads.message(
+        "interactive",
+        {"type": "call_permission_reply", "call_permission_reply": {**reply, "response_source": "user_action"}},
+        context={"from": "15550001111", "id": "wamid.CPR1"},
+    )
+
+
+def test_call_permission_by_response() -> None:
+    accepted, rejected, anything = Router(), Router(), Router()
+    accepted.call_permission("accept")(_noop)
+    rejected.call_permission("reject")(_noop)
+    anything.call_permission()(_noop)
+    assert _matches(accepted, _call_permission("accept"))
+    assert not _matches(accepted, _call_permission("reject"))
+    assert _matches(rejected, _call_permission("reject"))
+    assert _matches(anything, _call_permission("accept"))
+    assert not _matches(anything, _interactive("button_reply", "accept", title="accept"))
+    assert not _matches(anything, payloads.text("accept"))
+    taps = Router()
+    taps.interactive()(_noop)
+    assert not _matches(taps, _call_permission("accept"))  # not a button or list tap
+
+
+def test_message_kept_with_a_parse_error_goes_to_no_type_route() -> None:
+    """A text without its text is routed like an unknown type (to the default), never to a text handler."""
+    broken = {**payloads.text("x"), "text": None}
+    texts, commands, anything = Router(), Router(), Router()
+    texts.message("text")(_noop)
+    commands.command("x")(_noop)
+    anything.message()(_noop)
+    assert not _matches(texts, broken)
+    assert not _matches(commands, broken)
+    assert _matches(anything, broken)  # a catch-all route still sees it
 
 
 def test_route_with_custom_filters_needs_all_of_them() -> None:
