@@ -30,7 +30,7 @@ from alfred_bot.models import (
 )
 from alfred_bot.router import command_of
 from alfred_bot.store import OutboxRow
-from alfred_bot.validate import InvalidMessage, validate_content
+from alfred_bot.validate import MEDIA_TYPES, InvalidMessage, validate_content
 
 if TYPE_CHECKING:
     from alfred_bot.graph import Transport
@@ -52,6 +52,20 @@ def new_outbox_id() -> str:
 def phone_to(user: str) -> str:
     """The `to` of a send: `+` and the digits (without it Meta prefixes our own country code)."""
     return f"+{user}" if user.isdigit() else user
+
+
+def address_of(phone: str | None, user_id: str | None) -> dict[str, str]:
+    """How a send names a user: `to` with their phone number when Meta gave us one, else the
+    top-level `recipient` with their business-scoped user id (a username-only user, 2026).
+
+    Meta: `to` is "required unless `recipient` is provided", and `recipient` takes a BSUID
+    (calling/call-button-messages-deep-links, calling/business-initiated-calls); a BSUID in `to`
+    is not documented."""
+    if phone:
+        return {"to": phone_to(phone)}
+    if user_id:
+        return {"recipient": user_id}
+    raise ReplyError("to", "this update names no recipient")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +103,13 @@ class Outgoing:
     origin_at: float | None = None
 
     @property
-    def to(self) -> str:
+    def address(self) -> dict[str, str]:
+        """`{"to": "+<phone>"}` or, for a username-only user, `{"recipient": "<BSUID>"}`."""
         raise NotImplementedError
 
     @property
     def recipient(self) -> str:
+        """The id the user is known by here (outbox `recipient`: pair limits, history, opt-out)."""
         raise NotImplementedError
 
     def _quoted(self) -> str | None:
@@ -182,6 +198,8 @@ class Outgoing:
         quote: bool = False,
     ) -> str:
         """An image, video, audio, document or sticker by uploaded `media_id` or public `link`."""
+        if kind not in MEDIA_TYPES:  # a media kind Meta adds later can still go through `send`
+            raise ReplyError("type", f"must be one of {', '.join(sorted(MEDIA_TYPES))}")
         content = {"id": media_id, "link": link, "caption": caption, "filename": filename}
         return self.send(kind, {k: v for k, v in content.items() if v is not None}, quote=quote)
 
@@ -210,7 +228,7 @@ class Outgoing:
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
-            "to": self.to,
+            **self.address,
             "type": kind,
             kind: content,
         }
@@ -276,8 +294,8 @@ class Context(Outgoing):
         return self.message.sender
 
     @property
-    def to(self) -> str:
-        return phone_to(self.message.sender)
+    def address(self) -> dict[str, str]:
+        return address_of(self.message.from_, self.message.sender)
 
     @property
     def command_args(self) -> str:
@@ -352,13 +370,11 @@ class StatusContext(Outgoing):
 
     @property
     def recipient(self) -> str:
-        return self.status.recipient_id or ""
+        return self.status.recipient_id or self.status.recipient_user_id or ""
 
     @property
-    def to(self) -> str:
-        if not self.status.recipient_id:
-            raise ReplyError("to", "this status names no recipient")
-        return phone_to(self.status.recipient_id)
+    def address(self) -> dict[str, str]:
+        return address_of(self.status.recipient_id, self.status.recipient_user_id)
 
     def _quoted(self) -> str | None:
         return self.status.id

@@ -215,7 +215,7 @@ BAD_REPLIES: list[tuple[str, Callable[[Context], Any], str]] = [
     ("11 rows", lambda c: c.reply_list("t", "Open", {"A": _choices(6), "B": _choices(5)}), "sections"),
     ("row title 25", lambda c: c.reply_list("t", "Open", {"A": [("a", "x" * 25)]}), "rows[0].title"),
     ("list button 21", lambda c: c.reply_list("t", "x" * 21, {"A": [("a", "A")]}), "interactive.action.button"),
-    ("cta not a url", lambda c: c.reply_cta("t", "Open", "example.com"), "parameters.url"),
+    ("cta empty url", lambda c: c.reply_cta("t", "Open", ""), "parameters.url"),
     ("button header 61", lambda c: c.reply_buttons("t", [("a", "A")], header="x" * 61), "interactive.header"),
     ("cta header 61", lambda c: c.reply_cta("t", "Open", "https://e.com", header="x" * 61), "interactive.header"),
     ("button footer 61", lambda c: c.reply_buttons("t", [("a", "A")], footer="x" * 61), "interactive.footer"),
@@ -266,6 +266,45 @@ def test_react_and_quote_need_a_message() -> None:
     )
     with pytest.raises(ReplyError, match="to"):
         nobody.reply("hello")
+
+
+# ---------------------------------------------------------------------------- username-only users
+
+BSUID = "US.13491208655302741918"
+
+
+def test_reply_to_a_username_only_user_names_them_with_recipient() -> None:
+    # Meta: business-scoped-user-ids — no `from`, only `from_user_id`; a send names them with the
+    # top-level `recipient` ("`to` required unless `recipient` is provided", calling/call-button-messages)
+    msg = payloads.text("hi", id="wamid.U1")
+    del msg["from"]
+    msg["from_user_id"] = BSUID
+    ctx = _ctx(msg)
+    ctx.reply("hello", quote=True)
+    ctx.reply_template("welcome_back")
+    assert ctx.recipient == BSUID
+    assert [r.recipient for r in ctx.replies] == [BSUID, BSUID]
+    first, second = (json.loads(r.payload) for r in ctx.replies)
+    assert first == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "recipient": BSUID,
+        "type": "text",
+        "text": {"body": "hello"},
+        "context": {"message_id": "wamid.U1"},
+    }
+    assert "to" not in second and second["recipient"] == BSUID
+
+
+def test_status_reply_to_a_username_only_user_uses_recipient() -> None:
+    # Meta: webhooks/reference/messages/status — a username-only recipient has `recipient_user_id`
+    status = Status(id="wamid.S2", status="failed", timestamp=1, recipient_user_id=BSUID)
+    ctx = StatusContext(tenant="home", phone_number_id=payloads.PNID, status=status)
+    ctx.reply_template("we_miss_you")
+    payload = json.loads(ctx.replies[0].payload)
+    assert payload["recipient"] == BSUID
+    assert "to" not in payload
+    assert ctx.replies[0].recipient == BSUID
 
 
 # ---------------------------------------------------------------------------- read receipt
