@@ -20,7 +20,7 @@ from alfred_bot.logs import ContextFilter, JsonFormatter, bound, new_trace_id
 from alfred_bot.privacy import install_key, mask, pseudonym
 from alfred_bot.retention import DAY, Retention
 from alfred_bot.store import SqliteStore
-from alfred_bot.store.sqlite import SCHEMA_VERSION
+from alfred_bot.store.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import API_TOKEN, APP_SECRET, PROD_ENV, db_rows, make_config, post_webhook, prod_config, wait_for
 from tests.fakes import FakeGraph, graph_error
@@ -240,6 +240,47 @@ async def test_retention_scrubs_after_hot_days_and_deletes_after_delete_days(tmp
     assert outbox["o-wamid.OLD"]["payload"] == b"" and outbox["o-wamid.OLD"]["recipient"].startswith("h:")
     assert outbox["o-queued"]["payload"] == b"{}" and outbox["o-queued"]["recipient"] == "15551234567"
     assert not (media / "old.jpg").exists() and (media / "new.jpg").exists()
+
+
+async def test_retention_scrubs_events_and_status_user_ids_and_keeps_opt_outs(tmp_path: Path) -> None:
+    now = time.time()
+    store = SqliteStore(tmp_path / "alfred.db", clock=lambda: now)
+    await store.open()
+    old, older = now - 40 * DAY, now - 100 * DAY
+
+    def age(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO events (key, field, tenant, raw, received_at, time) VALUES "
+            "('e-old', 'user_preferences', 'home', ?, ?, 1), ('e-new', 'account_update', NULL, x'7b7d', ?, 2)",
+            (b'{"user_preferences":[{"wa_id":"15551234567"}]}', old, now),
+        )
+        conn.execute(
+            "INSERT INTO statuses (key, wamid, tenant, phone_number_id, status, timestamp, recipient_user_id, raw, "
+            "received_at) VALUES ('s1', 'wamid.S', 'home', ?, 'read', 1, 'US.1349', x'7b7d', ?)",
+            (payloads.PNID, old),
+        )
+        conn.executemany(
+            "INSERT INTO preferences VALUES ('home', ?, 'marketing_messages', ?, NULL, 1, ?)",
+            [("15550000001", "stop", older), ("15550000002", "resume", older), ("15550000003", "resume", now)],
+        )
+        conn.execute("INSERT INTO optouts VALUES ('home', '15550000004', ?)", (older,))
+
+    await store.writer.submit(age)
+    key = install_key(tmp_path)
+    job = Retention(store, make_config(tmp_path).retention, key, tmp_path / "media", clock=lambda: now)
+    try:
+        await job.run_once()
+        assert await job.run_once() == {"scrubbed": 0, "deleted": 0, "media_files": 0}
+        events = {e["time"]: e for e in await store.events(10)}
+        assert events[1]["value"] is None and events[1]["field"] == "user_preferences"  # the row stays, not the body
+        assert events[2]["value"] == {}
+        assert await store.marketing_stopped("home", "15550000001") is True  # a stop is kept as long as it holds
+        assert await store.opted_out("home", "15550000004") is True  # so is a STOP: time is not consent
+    finally:
+        await store.close()
+    db = tmp_path / "alfred.db"
+    assert db_rows(db, "SELECT recipient_user_id FROM statuses")[0][0] == pseudonym(key, "US.1349")
+    assert [r[0] for r in db_rows(db, "SELECT user FROM preferences ORDER BY user")] == ["15550000001", "15550000003"]
 
 
 async def test_retention_config_keeps_the_redelivery_window(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from alfred_bot.parse import parse_body
+from alfred_bot.parse import InboundItem, parse_body
 from alfred_bot.store import Completion, OutboxRow, SqliteStore, StoreError
 from tests import payloads
+from tests.conftest import db_rows
 
 TENANTS = {payloads.PNID: "home"}
 
@@ -109,12 +110,318 @@ async def test_writes_after_close_are_refused(store: SqliteStore) -> None:
 
 async def test_undecodable_pending_row_is_skipped_not_blocking(store: SqliteStore) -> None:
     def insert_bad(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO inbox (event_id, tenant, phone_number_id, type, timestamp, raw, state, received_at) "
-            "VALUES ('wamid.OLD', 'home', ?, 'text', 1, ?, 'pending', 0)",
-            (payloads.PNID, b'{"id": "wamid.OLD", "type": "text", "timestamp": 1, "from": "1", "text": null}'),
-        )
+        for event_id, raw in (
+            ("wamid.OLD", b'{"id": "wamid.OLD", "type": "text", "timestamp": 1, "from": "1", "text": null}'),
+            ("wamid.NOID", b'{"type": "text", "timestamp": 1, "from": "1"}'),
+        ):
+            conn.execute(
+                "INSERT INTO inbox (event_id, tenant, phone_number_id, type, timestamp, raw, state, received_at) "
+                "VALUES (?, 'home', ?, 'text', 1, ?, 'pending', 0)",
+                (event_id, payloads.PNID, raw),
+            )
 
     await store.writer.submit(insert_bad)
     await store.ingest(_body(payloads.text("after", id="wamid.AFTER")))
-    assert [p.item.message.id for p in await store.pending(0, 10)] == ["wamid.AFTER"]
+    pending = await store.pending(0, 10)
+    # a row without an id is skipped; a text that no longer decodes is routed as an unknown type
+    assert [p.item.message.id for p in pending] == ["wamid.OLD", "wamid.AFTER"]
+    old = pending[0].item
+    assert old.message.type == "text" and old.parse_error is not None and old.message.text is None
+    assert pending[1].item.parse_error is None
+
+
+# ---------------------------------------------------------------------------- migration v2 -> v3
+
+#: The v2 schema exactly as Alfred v2 created it (alfred_bot/store/sqlite.py at e2515f1).
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    tenant TEXT,
+    phone_number_id TEXT NOT NULL,
+    sender TEXT,
+    user_id TEXT,
+    wa_id TEXT,
+    name TEXT,
+    type TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    text TEXT,
+    context_id TEXT,
+    raw BLOB NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    received_at REAL NOT NULL,
+    handled_at REAL,
+    trace_id TEXT
+);
+CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(seq) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS statuses (
+    key TEXT PRIMARY KEY,
+    wamid TEXT NOT NULL,
+    tenant TEXT,
+    phone_number_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    recipient_id TEXT,
+    error_code INTEGER,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS statuses_wamid ON statuses(wamid);
+CREATE TABLE IF NOT EXISTS events (
+    key TEXT PRIMARY KEY,
+    field TEXT NOT NULL,
+    tenant TEXT,
+    phone_number_id TEXT,
+    waba_id TEXT,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    key TEXT PRIMARY KEY,
+    what TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    idem_key TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    priority INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    source_event_id TEXT,
+    wamid TEXT,
+    error_code INTEGER,
+    error_message TEXT,
+    error_details TEXT,
+    error_fbtrace_id TEXT,
+    error_http_status INTEGER,
+    needs_template INTEGER NOT NULL DEFAULT 0,
+    sent_at REAL,
+    delivered_at REAL,
+    read_at REAL,
+    trace_id TEXT,
+    origin_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(tenant, due_at) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_claim ON outbox(tenant, priority, due_at) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_user ON outbox(tenant, recipient) WHERE state IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
+CREATE INDEX IF NOT EXISTS outbox_wamid ON outbox(wamid) WHERE wamid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
+CREATE INDEX IF NOT EXISTS inbox_user ON inbox(tenant, user_id, timestamp);
+CREATE INDEX IF NOT EXISTS outbox_recipient ON outbox(tenant, recipient, created_at);
+CREATE INDEX IF NOT EXISTS outbox_failed ON outbox(created_at) WHERE state = 'failed';
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    tenant TEXT NOT NULL,
+    outbox_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    http_status INTEGER,
+    error_code INTEGER,
+    fbtrace_id TEXT,
+    latency_ms REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    trace_id TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_outbox ON audit(outbox_id);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_at);
+CREATE INDEX IF NOT EXISTS inbox_failed ON inbox(seq) WHERE state = 'failed';
+CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(sent_at) WHERE sent_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS statuses_received ON statuses(received_at);
+CREATE TABLE IF NOT EXISTS optouts (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (tenant, user)
+);
+"""
+
+
+def _v2_database(path: Path, extra: str = "") -> None:
+    """A real v2 file with rows in every table the migration touches."""
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        V2_SCHEMA
+        + f"""
+        INSERT INTO inbox (seq, event_id, tenant, phone_number_id, sender, type, timestamp, text, raw, state,
+                           received_at, trace_id)
+        VALUES (1, 'wamid.A', 'home', '{payloads.PNID}', '{payloads.USER}', 'text', 1, 'a', x'7b7d', 'handled', 1,
+                NULL),
+               (2, 'wamid.B', 'home', '{payloads.PNID}', '{payloads.USER}', 'text', 2, 'b',
+                CAST('{{"from":"{payloads.USER}","id":"wamid.B","timestamp":"2","type":"text","text":{{"body":"b"}}}}'
+                     AS BLOB), 'pending', 2, 'trace-b'),
+               (5, 'wamid.GONE', 'home', '{payloads.PNID}', '{payloads.USER}', 'text', 3, 'c', x'7b7d', 'handled', 3,
+                NULL);
+        DELETE FROM inbox WHERE seq = 5;
+        INSERT INTO outbox (rowid, id, idem_key, tenant, recipient, type, payload, state, due_at, created_at, wamid)
+        VALUES (7, 'o-sent', 'reply:wamid.A:000', 'home', '{payloads.USER}', 'text', x'7b7d', 'sent', 0, 1,
+                'wamid.OUT1'),
+               (9, 'o-queued', 'api:home:k1', 'home', '{payloads.USER}', 'text', x'7b7d', 'queued', 0, 2, NULL);
+        INSERT INTO statuses (key, wamid, tenant, phone_number_id, status, timestamp, recipient_id, raw, received_at)
+        VALUES ('wamid.OUT1:delivered', 'wamid.OUT1', 'home', '{payloads.PNID}', 'delivered', 5,
+                '{payloads.USER}', x'7b7d', 5);
+        INSERT INTO events (key, field, tenant, phone_number_id, waba_id, raw, received_at)
+        VALUES ('k1', 'account_update', NULL, NULL, 'WABA1', CAST('{{"event":"ACCOUNT_OFFBOARDED"}}' AS BLOB), 6);
+        INSERT INTO optouts VALUES ('home', '15550001111', 7);
+        {extra}
+        PRAGMA user_version = 2;
+        """
+    )
+    conn.close()
+
+
+async def test_a_v2_database_is_migrated_to_v3(tmp_path: Path) -> None:
+    path = tmp_path / "alfred.db"
+    _v2_database(path)
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.writer.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 3
+        [pending] = await store.pending(0, 10)
+        assert (pending.seq, pending.item.message.text, pending.item.trace_id) == (2, "b", "trace-b")
+        # the AUTOINCREMENT counter survived the rebuild: a deleted seq is never handed out again
+        [fresh] = await store.ingest(_body(payloads.text("c", id="wamid.C")))
+        assert [p.seq for p in await store.pending(0, 10)] == [2, 6]
+        assert isinstance(fresh, InboundItem)
+        # the inbox is unique per number now: the same wamid on biz is a new message, on home a duplicate
+        biz = parse_body(
+            payloads.body_of(payloads.text("a", id="wamid.A"), pnid=payloads.BIZ_PNID), {payloads.BIZ_PNID: "biz"}
+        )
+        assert len(await store.ingest(biz)) == 1
+        assert await store.ingest(_body(payloads.text("a", id="wamid.A"))) == []
+        # old status keys were rewritten: a redelivery of the old status is still a duplicate
+        status = payloads.dump(
+            payloads.envelope(
+                payloads.entry(payloads.change(payloads.value(statuses=[payloads.status("wamid.OUT1", "delivered")])))
+            )
+        )
+        assert await store.ingest(parse_body(status, TENANTS)) == []
+        # outbox rowids kept (claim order) and idempotency keys still found
+        rows = await store.writer.read(lambda c: c.execute("SELECT rowid, id FROM outbox ORDER BY rowid").fetchall())
+        assert rows == [(7, "o-sent"), (9, "o-queued")]
+        assert (await store.message_by_key("api:home:k1") or {}).get("id") == "o-queued"
+        assert [j.id for j in await store.claim(10.0, {"home": 5}, 30, frozenset())] == ["o-queued"]
+        assert await store.complete(Completion("wamid.B", "handled", phone_number_id=payloads.PNID)) is True
+        [event] = await store.events(10)
+        assert (event["field"], event["time"], event["value"]) == (
+            "account_update",
+            None,
+            {"event": "ACCOUNT_OFFBOARDED"},
+        )
+        assert await store.opted_out("home", "15550001111") is True
+
+        def check(c: sqlite3.Connection) -> tuple[str, set[str], set[str]]:
+            indexes = {r[1] for r in c.execute("PRAGMA index_list(inbox)")} | {
+                r[1] for r in c.execute("PRAGMA index_list(outbox)")
+            }
+            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return c.execute("PRAGMA integrity_check").fetchone()[0], indexes, tables
+
+        integrity, indexes, tables = await store.writer.read(check)
+        assert integrity == "ok"
+        assert {"inbox_pending", "inbox_sender", "inbox_failed", "outbox_claim", "outbox_wamid"} <= indexes
+        assert {"preferences", "inbox", "outbox"} <= tables and not any(t.endswith("_v3") for t in tables)
+    finally:
+        await store.close()
+    columns = {r["name"] for t in ("inbox", "statuses", "events") for r in db_rows(path, f"PRAGMA table_info({t})")}
+    assert {"parse_error", "errors", "recipient_user_id", "time"} <= columns
+
+
+async def test_a_failed_migration_leaves_the_v2_database_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "alfred.db"
+    # a view in the way of the outbox rebuild: the migration fails after the inbox was rebuilt
+    _v2_database(path, extra="CREATE VIEW outbox_v3 AS SELECT 1;")
+    store = SqliteStore(path)
+    try:
+        with pytest.raises(sqlite3.Error):
+            await store.open()
+    finally:
+        await store.close()
+    assert db_rows(path, "PRAGMA user_version")[0][0] == 2
+    inbox_sql = db_rows(path, "SELECT sql FROM sqlite_master WHERE name = 'inbox'")[0][0]
+    assert "event_id TEXT NOT NULL UNIQUE" in inbox_sql
+    assert [r[0] for r in db_rows(path, "SELECT seq FROM inbox ORDER BY seq")] == [1, 2]
+    assert db_rows(path, "SELECT seq FROM sqlite_sequence WHERE name = 'inbox'")[0][0] == 5
+    assert db_rows(path, "SELECT name FROM sqlite_master WHERE name = 'inbox_v3'") == []
+
+
+async def test_events_contract(store: SqliteStore) -> None:
+    """`Store.events` as contracts.md gives it: newest first, filters, decoded value, undecodable → None."""
+
+    def insert(conn: sqlite3.Connection) -> None:
+        rows = [
+            ("k1", "account_update", None, None, "W", b'{"event":"A"}', 1.0, 100),
+            ("k2", "message_template_status_update", "home", payloads.PNID, "W", b'{"event":"B"}', 2.0, None),
+            ("k3", "account_update", "home", payloads.PNID, "W", b"not json", 3.0, 300),
+        ]
+        conn.executemany(
+            "INSERT INTO events (key, field, tenant, phone_number_id, waba_id, raw, received_at, time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    await store.writer.submit(insert)
+    events = await store.events(10)
+    assert [(e["field"], e["time"], e["received_at"]) for e in events] == [
+        ("account_update", 300, 3.0),
+        ("message_template_status_update", None, 2.0),
+        ("account_update", 100, 1.0),
+    ]
+    assert set(events[0]) == {"field", "tenant", "phone_number_id", "waba_id", "time", "received_at", "value"}
+    assert events[0]["value"] is None and events[1]["value"] == {"event": "B"}
+    assert [e["time"] for e in await store.events(10, field="account_update")] == [300, 100]
+    assert [e["time"] for e in await store.events(10, field="account_update", tenant="home")] == [300]
+    assert len(await store.events(1)) == 1
+
+
+def _preference_event(items: Any, time: int | None = 50) -> Any:
+    value = {"metadata": {"phone_number_id": payloads.PNID}, "user_preferences": items}
+    entry: dict[str, Any] = {"id": "WABA1", "changes": [payloads.change(value, "user_preferences")]}
+    if time is not None:
+        entry["time"] = time
+    return parse_body(payloads.dump(payloads.envelope(entry)), TENANTS)
+
+
+async def test_preferences_read_leniently_and_never_lose_the_event(store: SqliteStore) -> None:
+    """Meta sends `timestamp` as an integer (Webhooks > user_preferences); a numeric string, a
+    missing one (the entry's time, else ours), a username-only user and unusable items are handled."""
+    await store.ingest(_preference_event([{"wa_id": "1", "value": "stop", "timestamp": "100"}]))
+    await store.ingest(_preference_event([{"wa_id": "1", "value": "resume", "timestamp": "99"}], time=51))
+    assert await store.marketing_stopped("home", "1") is True  # "100" read as 100: the older resume loses
+    await store.ingest(_preference_event([{"user_id": "US.9", "value": "stop"}]))  # no timestamp: entry time 50
+    await store.ingest(_preference_event([{"user_id": "US.9", "value": "resume", "timestamp": 49}], time=52))
+    assert await store.marketing_stopped("home", "US.9") is True
+    await store.ingest(_preference_event([{"wa_id": "2", "value": "stop"}], time=None))  # our clock
+    assert await store.marketing_stopped("home", "2") is True
+    # unusable: no user, no value, not a list: nothing recorded, the events are all kept
+    await store.ingest(_preference_event([{"value": "stop"}, {"wa_id": "3"}], time=53))
+    await store.ingest(_preference_event("not a list", time=54))
+    assert await store.marketing_stopped("home", "3") is False
+    assert len(await store.events(100, field="user_preferences")) == 7
+    # another category is kept apart from marketing messages
+    await store.ingest(_preference_event([{"wa_id": "4", "value": "stop", "category": "other"}], time=55))
+    assert await store.marketing_stopped("home", "4") is False
+
+
+async def test_a_row_with_unreadable_errors_or_raw_is_still_shown(store: SqliteStore) -> None:
+    def insert(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO inbox (event_id, tenant, phone_number_id, type, timestamp, raw, state, received_at, errors) "
+            "VALUES ('wamid.ODD', 'home', ?, 'edit', 1, x'7b7d', 'handled', 0, 'not json')",
+            (payloads.PNID,),
+        )
+
+    await store.writer.submit(insert)
+    [item] = await store.recent_inbound(10)
+    assert (item["id"], item["errors"], item["edited_id"]) == ("wamid.ODD", [], None)

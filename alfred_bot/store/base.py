@@ -91,7 +91,11 @@ class Completion(msgspec.Struct, frozen=True):
     """The outcome of handling one inbound message, written in one transaction with its replies.
 
     `consent` records the user's wish in the same transaction: "out" after an opt-out word,
-    "in" for any other message they write (which lifts an earlier opt-out).
+    "in" for a message the user writes or taps (which lifts an earlier opt-out; see
+    `abuse.ends_opt_out`), None for anything else (a reaction, a system notice, …).
+
+    The row is identified by `phone_number_id` and `event_id` (the wamid): a wamid is unique per
+    business number only. Without `phone_number_id` only a wamid no other number used matches.
     """
 
     event_id: str
@@ -101,6 +105,7 @@ class Completion(msgspec.Struct, frozen=True):
     tenant: str | None = None
     user: str | None = None
     consent: Literal["in", "out"] | None = None
+    phone_number_id: str | None = None
 
 
 class PendingMessage(msgspec.Struct, frozen=True):
@@ -172,6 +177,14 @@ class Store(Protocol):
 
     async def opted_out(self, tenant: str, user: str) -> bool:
         """True while the user has opted out of business-initiated messages from this tenant."""
+
+    async def marketing_stopped(self, tenant: str, user: str) -> bool:
+        """True while the user's latest `user_preferences` update (by Meta's timestamp) for this
+        tenant says they stopped marketing messages (for campaigns)."""
+
+    async def events(self, limit: int, field: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Other webhook fields (templates, account, preferences, unknown ones…), newest first: `field`,
+        `tenant`, `phone_number_id`, `waba_id`, `time` (entry time), `received_at`, `value` (decoded JSON)."""
 
     async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
         """The user's last `limit` messages with this tenant, both directions, oldest first."""

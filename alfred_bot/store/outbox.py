@@ -22,7 +22,7 @@ _STAMP = {"delivered": "delivered_at", "read": "read_at", "played": "read_at"}
 _INSERT = """
 INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id, priority,
                     trace_id, origin_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idem_key) DO NOTHING
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, idem_key) DO NOTHING
 """
 PENDING = "state IN ('queued', 'sending')"
 #: A settle applies only to the claim it answers: same row, still leased, same attempt.
@@ -52,11 +52,13 @@ def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[Out
 
 
 def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list[str]:
-    """Insert rows; for an idem_key seen before, return the first row's id instead."""
+    """Insert rows; for an idem_key the tenant used before, return the first row's id instead."""
     insert_rows(conn, rows, now)
     ids = []
     for row in rows:
-        found = conn.execute("SELECT id FROM outbox WHERE idem_key = ?", (row.idem_key,)).fetchone()
+        found = conn.execute(
+            "SELECT id FROM outbox WHERE tenant = ? AND idem_key = ?", (row.tenant, row.idem_key)
+        ).fetchone()
         ids.append(found[0])
     return ids
 
@@ -109,12 +111,13 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
              a.outcome, r.id),
         )
     if r.state == "sent":
-        cur = conn.execute(
-            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
+        sent = conn.execute(
+            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED} "
+            "RETURNING tenant",
             (r.wamid, now, None, None, None, None, None, r.id, r.attempts),
-        )
-        if cur.rowcount and r.wamid:
-            _replay_statuses(conn, r.wamid)
+        ).fetchone()
+        if sent is not None and r.wamid:
+            _replay_statuses(conn, sent[0], r.wamid)
     elif r.state == "queued":
         due = r.due_at if r.due_at is not None else now
         cur = conn.execute(
@@ -142,28 +145,33 @@ def _defer_followers(conn: sqlite3.Connection, rowid: int, tenant: str, recipien
     )
 
 
-def _replay_statuses(conn: sqlite3.Connection, wamid: str) -> None:
-    """Statuses can arrive before we recorded the wamid: apply those already stored."""
-    rows = conn.execute("SELECT status, timestamp, error_code FROM statuses WHERE wamid = ?", (wamid,)).fetchall()
+def _replay_statuses(conn: sqlite3.Connection, tenant: str, wamid: str) -> None:
+    """Statuses can arrive before we recorded the wamid: apply those this tenant's number got."""
+    rows = conn.execute(
+        "SELECT status, timestamp, error_code FROM statuses WHERE wamid = ? AND tenant = ?", (wamid, tenant)
+    ).fetchall()
     for state, timestamp, code in rows:
-        _advance(conn, wamid, state, float(timestamp), (code, None, None))
+        _advance(conn, tenant, wamid, state, at=float(timestamp), error=(code, None, None))
 
 
-def apply_status(conn: sqlite3.Connection, status: Status) -> None:
-    """Move the outbox row with this wamid forward; a `failed` status fails a row not yet delivered."""
+def apply_status(conn: sqlite3.Connection, tenant: str, status: Status) -> None:
+    """Move the tenant's outbox row with this wamid forward; a `failed` status fails a row not yet
+    delivered. Scoped by tenant: a body signed for one number can never touch another's sends."""
     error = status.errors[0] if status.errors else None
     details = error.error_data.details if error and error.error_data else None
     fields = (error.code, error.message or error.title, details) if error else (None, None, None)
-    _advance(conn, status.id, status.status, float(status.timestamp), fields)
+    _advance(conn, tenant, status.id, status.status, at=float(status.timestamp), error=fields)
 
 
-def _advance(conn: sqlite3.Connection, wamid: str, state: str, at: float, error: tuple[Any, ...]) -> None:
-    row = conn.execute("SELECT id, state FROM outbox WHERE wamid = ?", (wamid,)).fetchone()
+def _advance(
+    conn: sqlite3.Connection, tenant: str, wamid: str, state: str, *, at: float, error: tuple[Any, ...]
+) -> None:
+    row = conn.execute("SELECT id, state, type FROM outbox WHERE wamid = ? AND tenant = ?", (wamid, tenant)).fetchone()
     if row is None:
         return
-    outbox_id, current = row
-    if current == "failed":
-        return
+    outbox_id, current, kind = row
+    if current == "failed" or (state == "played" and kind != "audio"):
+        return  # `played` exists only for voice/audio messages: it never moves a text sideways
     if state == "failed":
         if RANK.get(current, 0) <= RANK["sent"]:
             code, message, details = error

@@ -19,7 +19,14 @@ SELECT id, recipient FROM outbox
 WHERE created_at < ? AND state NOT IN ('queued', 'sending') AND payload != x''
 LIMIT {BATCH}
 """
-_SCRUB_STATUSES = f"SELECT key, recipient_id FROM statuses WHERE received_at < ? AND raw != x'' LIMIT {BATCH}"
+_SCRUB_STATUSES = (
+    f"SELECT key, recipient_id, recipient_user_id FROM statuses WHERE received_at < ? AND raw != x'' LIMIT {BATCH}"
+)
+#: Events can name people (user_preferences, unknown fields): past the hot period only the row stays.
+_SCRUB_EVENTS = (
+    f"UPDATE events SET raw = x'' WHERE key IN (SELECT key FROM events WHERE received_at < ? AND raw != x'' "
+    f"LIMIT {BATCH})"
+)
 _DELETES = (
     "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE received_at < ? AND state != 'pending' LIMIT ?)",
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created_at < ? "
@@ -28,6 +35,9 @@ _DELETES = (
     "DELETE FROM events WHERE key IN (SELECT key FROM events WHERE received_at < ? LIMIT ?)",
     "DELETE FROM rejected WHERE key IN (SELECT key FROM rejected WHERE received_at < ? LIMIT ?)",
     "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at < ? LIMIT ?)",
+    # a `stop` stays as long as the user wants it; a `resume` is the default and may go
+    "DELETE FROM preferences WHERE rowid IN (SELECT rowid FROM preferences WHERE received_at < ? "
+    "AND value != 'stop' LIMIT ?)",
 )
 
 
@@ -50,19 +60,20 @@ def scrub_batch(conn: sqlite3.Connection, key: bytes, cutoff: float) -> int:
             (_hash(key, recipient), outbox_id),
         )
         changed += 1
-    for status_key, recipient in conn.execute(_SCRUB_STATUSES, (cutoff,)).fetchall():
+    for status_key, recipient, user_id in conn.execute(_SCRUB_STATUSES, (cutoff,)).fetchall():
         conn.execute(
-            "UPDATE statuses SET raw = x'', recipient_id = ? WHERE key = ?", (_hash(key, recipient), status_key)
+            "UPDATE statuses SET raw = x'', recipient_id = ?, recipient_user_id = ? WHERE key = ?",
+            (_hash(key, recipient), _hash(key, user_id), status_key),
         )
         changed += 1
+    changed += conn.execute(_SCRUB_EVENTS, (cutoff,)).rowcount
     changed += conn.execute(
         f"UPDATE rejected SET raw = x'' WHERE key IN (SELECT key FROM rejected WHERE received_at < ? "
         f"AND raw != x'' LIMIT {BATCH})",
         (cutoff,),
     ).rowcount
-    changed += conn.execute(
-        f"DELETE FROM optouts WHERE rowid IN (SELECT rowid FROM optouts WHERE at < ? LIMIT {BATCH})", (cutoff,)
-    ).rowcount
+    # Opt-outs are never aged out: time passing is not the user writing again (they end only as
+    # `abuse.ends_opt_out` says), and forgetting one would let campaigns reach someone who said STOP.
     return changed
 
 

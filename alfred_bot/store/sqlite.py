@@ -15,144 +15,19 @@ from typing import IO, Any
 
 import aiosqlite
 
-from alfred_bot.models import Contact, Profile
-from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem, decode_message
-from alfred_bot.store import outbox, retention
+from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
+from alfred_bot.store import events as event_log
+from alfred_bot.store import inbox, outbox, retention
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
+from alfred_bot.store.schema import migrate
 from alfred_bot.store.writer import GroupWriter
-
-SCHEMA_VERSION = 2
 
 log = logging.getLogger("alfred.store")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,
-    tenant TEXT,
-    phone_number_id TEXT NOT NULL,
-    sender TEXT,
-    user_id TEXT,
-    wa_id TEXT,
-    name TEXT,
-    type TEXT NOT NULL,
-    timestamp INTEGER NOT NULL,
-    text TEXT,
-    context_id TEXT,
-    raw BLOB NOT NULL,
-    state TEXT NOT NULL,
-    error TEXT,
-    received_at REAL NOT NULL,
-    handled_at REAL,
-    trace_id TEXT
-);
-CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(seq) WHERE state = 'pending';
-CREATE TABLE IF NOT EXISTS statuses (
-    key TEXT PRIMARY KEY,
-    wamid TEXT NOT NULL,
-    tenant TEXT,
-    phone_number_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    timestamp INTEGER NOT NULL,
-    recipient_id TEXT,
-    error_code INTEGER,
-    raw BLOB NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS statuses_wamid ON statuses(wamid);
-CREATE TABLE IF NOT EXISTS events (
-    key TEXT PRIMARY KEY,
-    field TEXT NOT NULL,
-    tenant TEXT,
-    phone_number_id TEXT,
-    waba_id TEXT,
-    raw BLOB NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rejected (
-    key TEXT PRIMARY KEY,
-    what TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id TEXT PRIMARY KEY,
-    idem_key TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    type TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued',
-    priority INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    due_at REAL NOT NULL,
-    created_at REAL NOT NULL,
-    source_event_id TEXT,
-    wamid TEXT,
-    error_code INTEGER,
-    error_message TEXT,
-    error_details TEXT,
-    error_fbtrace_id TEXT,
-    error_http_status INTEGER,
-    needs_template INTEGER NOT NULL DEFAULT 0,
-    sent_at REAL,
-    delivered_at REAL,
-    read_at REAL,
-    trace_id TEXT,
-    origin_at REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(tenant, due_at) WHERE state IN ('queued', 'sending');
-CREATE INDEX IF NOT EXISTS outbox_claim ON outbox(tenant, priority, due_at) WHERE state IN ('queued', 'sending');
-CREATE INDEX IF NOT EXISTS outbox_user ON outbox(tenant, recipient) WHERE state IN ('queued', 'sending');
-CREATE INDEX IF NOT EXISTS outbox_source ON outbox(source_event_id);
-CREATE INDEX IF NOT EXISTS outbox_wamid ON outbox(wamid) WHERE wamid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS inbox_sender ON inbox(tenant, sender, timestamp);
-CREATE INDEX IF NOT EXISTS inbox_user ON inbox(tenant, user_id, timestamp);
-CREATE INDEX IF NOT EXISTS outbox_recipient ON outbox(tenant, recipient, created_at);
-CREATE INDEX IF NOT EXISTS outbox_failed ON outbox(created_at) WHERE state = 'failed';
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    tenant TEXT NOT NULL,
-    outbox_id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    http_status INTEGER,
-    error_code INTEGER,
-    fbtrace_id TEXT,
-    latency_ms REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    trace_id TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_outbox ON audit(outbox_id);
-CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
-CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_at);
-CREATE INDEX IF NOT EXISTS inbox_failed ON inbox(seq) WHERE state = 'failed';
-CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(sent_at) WHERE sent_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS statuses_received ON statuses(received_at);
-CREATE TABLE IF NOT EXISTS optouts (
-    tenant TEXT NOT NULL,
-    user TEXT NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (tenant, user)
-);
-"""
-
-_INSERT_INBOX = """
-INSERT INTO inbox (event_id, tenant, phone_number_id, sender, user_id, wa_id, name, type,
-                   timestamp, text, context_id, raw, state, received_at, trace_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT(event_id) DO NOTHING
-"""
 _INSERT_STATUS = """
 INSERT INTO statuses (key, wamid, tenant, phone_number_id, status, timestamp, recipient_id,
-                      error_code, raw, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
-"""
-_INSERT_EVENT = """
-INSERT INTO events (key, field, tenant, phone_number_id, waba_id, raw, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
+                      error_code, raw, received_at, recipient_user_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
 """
 _INSERT_REJECTED = """
 INSERT INTO rejected (key, what, reason, raw, received_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING
@@ -166,28 +41,8 @@ def connect_writer(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
-    _migrate(conn)
+    migrate(conn)
     return conn
-
-
-#: Steps from version N-1 to N for columns `CREATE TABLE IF NOT EXISTS` cannot add to old tables.
-_MIGRATIONS = {
-    2: "ALTER TABLE inbox ADD COLUMN trace_id TEXT; ALTER TABLE outbox ADD COLUMN trace_id TEXT; "
-    "ALTER TABLE outbox ADD COLUMN origin_at REAL;",
-}
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Create a new database, or bring an older one forward one version at a time (each atomic)."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"database schema v{version} is newer than this Alfred (v{SCHEMA_VERSION})")
-    if version == 0:
-        conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        return
-    for step in range(version + 1, SCHEMA_VERSION + 1):
-        log.warning("migrating the database schema to v%d", step)
-        conn.executescript(f"BEGIN; {_MIGRATIONS[step]} {_SCHEMA} PRAGMA user_version={step}; COMMIT;")
 
 
 def _lock_database(path: Path) -> IO[bytes]:
@@ -202,41 +57,18 @@ def _lock_database(path: Path) -> IO[bytes]:
     return lock
 
 
-def _inbox_row(item: InboundItem, now: float) -> tuple[Any, ...]:
-    msg, contact = item.message, item.contact
-    return (
-        msg.id,
-        item.tenant,
-        item.phone_number_id,
-        msg.from_,
-        msg.from_user_id or (contact.user_id if contact else None),
-        contact.wa_id if contact else None,
-        contact.name if contact else None,
-        msg.type,
-        msg.timestamp,
-        msg.text,
-        msg.context.id if msg.context else None,
-        item.raw,
-        "pending" if item.tenant is not None else "unrouted",
-        now,
-        item.trace_id or None,
-    )
-
-
 def _ingest_op(body: ParsedBody, now: float) -> Any:
     def op(conn: sqlite3.Connection) -> list[InboundItem | StatusItem]:
         fresh: list[InboundItem | StatusItem] = []
         for item in body.messages:
-            inserted = conn.execute(_INSERT_INBOX, _inbox_row(item, now)).rowcount == 1
-            if inserted and item.tenant is not None:
+            inserted = conn.execute(inbox.INSERT, inbox.row(item, now)).rowcount == 1
+            if inserted and inbox.state_of(item)[0] == "pending":
                 fresh.append(item)
         for update in body.statuses:
             if conn.execute(_INSERT_STATUS, _status_row(update, now)).rowcount == 1 and update.tenant is not None:
-                outbox.apply_status(conn, update.status)
+                outbox.apply_status(conn, update.tenant, update.status)
                 fresh.append(update)
-        if body.events:
-            events = [(e.key, e.field, e.tenant, e.phone_number_id, e.waba_id, e.raw, now) for e in body.events]
-            conn.executemany(_INSERT_EVENT, events)
+        event_log.insert(conn, body.events, now)
         if body.rejected:
             conn.executemany(_INSERT_REJECTED, [(r.key, r.what, r.reason[:1000], r.raw, now) for r in body.rejected])
         return fresh
@@ -244,7 +76,7 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
     return op
 
 
-def _status_row(item: Any, now: float) -> tuple[Any, ...]:
+def _status_row(item: StatusItem, now: float) -> tuple[Any, ...]:
     s = item.status
     code = s.errors[0].code if s.errors else None
     return (
@@ -258,22 +90,27 @@ def _status_row(item: Any, now: float) -> tuple[Any, ...]:
         code,
         item.raw,
         now,
+        s.recipient_user_id,
     )
+
+
+#: `user` (?2) or any other id the same person wrote from to this tenant (?1): a phone number and
+#: the username id (BSUID) Meta sent beside it address one person, for opt-outs as for the window.
+_SAME_USER = (
+    "(user = ?2 OR user IN (SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender IS NOT NULL) "
+    "OR user IN (SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND user_id IS NOT NULL))"
+)
 
 
 def _complete_op(done: Completion, now: float) -> Any:
     def op(conn: sqlite3.Connection) -> bool:
-        cur = conn.execute(
-            "UPDATE inbox SET state = ?, error = ?, handled_at = ? WHERE event_id = ? AND state = 'pending'",
-            (done.state, done.error, now, done.event_id),
-        )
-        if cur.rowcount == 0:
+        if not inbox.complete(conn, done.event_id, done.phone_number_id, (done.state, done.error, now)):
             return False
         outbox.insert_rows(conn, done.replies, now)
         if done.consent == "out":
             conn.execute("INSERT OR REPLACE INTO optouts VALUES (?, ?, ?)", (done.tenant, done.user, now))
         elif done.consent == "in":
-            conn.execute("DELETE FROM optouts WHERE tenant = ? AND user = ?", (done.tenant, done.user))
+            conn.execute(f"DELETE FROM optouts WHERE tenant = ?1 AND {_SAME_USER}", (done.tenant, done.user))
         return True
 
     return op
@@ -299,16 +136,6 @@ def _conversation_item(row: sqlite3.Row) -> dict[str, Any]:
         item["state"] = row["state"]
         item["text"] = outbox.payload_text(row["payload"], row["type"])
     return item
-
-
-def _pending_item(row: sqlite3.Row) -> InboundItem:
-    contact = None
-    if row["name"] is not None or row["wa_id"] is not None or row["user_id"] is not None:
-        profile = Profile(name=row["name"]) if row["name"] is not None else None
-        contact = Contact(profile=profile, wa_id=row["wa_id"], user_id=row["user_id"])
-    message = decode_message(row["raw"])
-    trace = row["trace_id"] or ""
-    return InboundItem(row["phone_number_id"], row["tenant"], message, contact, row["raw"], trace, row["received_at"])
 
 
 class SqliteStore:
@@ -360,26 +187,18 @@ class SqliteStore:
             raise StoreError(f"read failed: {exc}") from exc
 
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
-        rows = await self._fetch(
-            "SELECT seq, tenant, phone_number_id, raw, name, wa_id, user_id, trace_id, received_at FROM inbox "
-            "WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        )
+        rows = await self._fetch(inbox.PENDING, (after_seq, limit))
         pending: list[PendingMessage] = []
         for row in rows:
             try:
-                pending.append(PendingMessage(row["seq"], _pending_item(row)))
+                pending.append(PendingMessage(row["seq"], inbox.pending_item(row)))
             except MalformedItem as exc:  # only if a newer model refuses an old row: skip, never block
                 log.error("pending message seq %d cannot be decoded, skipped: %s", row["seq"], exc)
         return pending
 
     async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            'SELECT event_id AS id, tenant, sender AS "from", user_id, name, type, timestamp, text, '
-            "context_id, state, error, received_at FROM inbox ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        )
-        return [dict(row) for row in rows]
+        rows = await self._fetch(inbox.RECENT, (limit,))
+        return [inbox.recent(row) for row in rows]
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now = self._clock()
@@ -412,7 +231,8 @@ class SqliteStore:
         return dict(rows[0]) if rows else None
 
     async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
-        rows = await self._fetch("SELECT id FROM outbox WHERE idem_key = ?", (idem_key,))
+        """Keys are unique per tenant; the API's keys name their tenant (`api:<tenant>:<key>`)."""
+        rows = await self._fetch("SELECT id FROM outbox WHERE idem_key = ? ORDER BY rowid LIMIT 1", (idem_key,))
         return await self.message(rows[0][0]) if rows else None
 
     async def last_inbound(self, tenant: str, user: str) -> int | None:
@@ -453,8 +273,19 @@ class SqliteStore:
         return [dict(row) for row in rows]
 
     async def opted_out(self, tenant: str, user: str) -> bool:
-        rows = await self._fetch("SELECT 1 FROM optouts WHERE tenant = ? AND user = ?", (tenant, user))
+        rows = await self._fetch(f"SELECT 1 FROM optouts WHERE tenant = ?1 AND {_SAME_USER} LIMIT 1", (tenant, user))
         return bool(rows)
+
+    async def marketing_stopped(self, tenant: str, user: str) -> bool:
+        rows = await self._fetch(
+            "SELECT value FROM preferences WHERE tenant = ? AND user = ? AND category = ?",
+            (tenant, user, event_log.MARKETING),
+        )
+        return bool(rows) and rows[0][0] == "stop"
+
+    async def events(self, limit: int, field: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        rows = await self._fetch(*event_log.query(limit, field, tenant))
+        return [event_log.as_json(row) for row in rows]
 
     async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
