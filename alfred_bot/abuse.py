@@ -1,4 +1,4 @@
-"""Abuse and consent: the per-user inbound limit and the opt-out words.
+"""Abuse and consent: the per-user inbound limit, the opt-out words, and what ends an opt-out.
 
 The limit counts messages by Meta's own `timestamp`, not by when we handle them: a backlog
 replayed after a restart or an outage is judged by when the user really wrote, so a burst of
@@ -11,7 +11,20 @@ import time
 from collections.abc import Callable
 
 from alfred_bot.config import LimitsConfig
-from alfred_bot.models import ButtonMessage, Message
+from alfred_bot.models import (
+    AudioMessage,
+    ButtonMessage,
+    ContactsMessage,
+    DocumentMessage,
+    ImageMessage,
+    InteractiveMessage,
+    LocationMessage,
+    Message,
+    OrderMessage,
+    StickerMessage,
+    TextMessage,
+    VideoMessage,
+)
 
 PRUNE_EVERY = 300.0
 PRUNE_SIZE = 50_000  # also prune when this many users are tracked
@@ -83,3 +96,35 @@ def is_opt_out(message: Message, limits: LimitsConfig) -> bool:
         return False
     word = message.text.strip().rstrip(".!").strip().casefold()
     return any(word == k.strip().casefold() for k in limits.opt_out_keywords)
+
+
+#: Messages the user writes or sends on purpose. Deliberately absent: reactions, revokes and
+#: edits (they change an earlier message, they do not write to us again), system notices (a
+#: number change), `unsupported` / `unknown` and any type we cannot read (we cannot tell what the
+#: user did), `request_welcome` (opening the chat is not a request for messages).
+_WRITTEN = (
+    TextMessage,
+    ImageMessage,
+    AudioMessage,
+    VideoMessage,
+    DocumentMessage,
+    StickerMessage,
+    LocationMessage,
+    ContactsMessage,
+    ButtonMessage,
+    OrderMessage,
+)
+#: Taps on our interactive messages: reply buttons, list rows, a completed flow. Not a
+#: `call_permission_reply`: accepting calls says nothing about wanting messages again.
+_TAPPED = frozenset({"button_reply", "list_reply", "nfm_reply"})
+
+
+def ends_opt_out(message: Message) -> bool:
+    """True when this message means the user wants to hear from us again (lifts an opt-out).
+
+    Judged by the decoded class, never by the `type` string: a message kept with a parse error
+    is an `UnknownMessage` whatever type it claims, and never ends an opt-out.
+    """
+    if isinstance(message, InteractiveMessage):
+        return message.interactive.type in _TAPPED
+    return isinstance(message, _WRITTEN)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from alfred_bot import keys
-from alfred_bot.abuse import PRUNE_EVERY, InboundLimiter, is_opt_out
+from alfred_bot.abuse import PRUNE_EVERY, InboundLimiter, ends_opt_out, is_opt_out
 from alfred_bot.app import create_app
 from alfred_bot.config import LimitsConfig, load_secrets
 from alfred_bot.context import Context
@@ -275,3 +275,41 @@ def _msg(raw: dict[str, Any]) -> Message:
 def test_is_opt_out(raw: dict[str, Any], expected: bool) -> None:
     limits = LimitsConfig(opt_out_payloads=["STOP_PROMOS"])
     assert is_opt_out(_msg(raw), limits) is expected
+
+
+def _interactive(kind: str, reply: dict[str, Any]) -> dict[str, Any]:
+    return payloads.message("interactive", {"type": kind, kind: reply})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (payloads.SAMPLES["text"], True),
+        (payloads.SAMPLES["image"], True),
+        (payloads.SAMPLES["audio"], True),
+        (payloads.SAMPLES["video"], True),
+        (payloads.SAMPLES["document"], True),
+        (payloads.SAMPLES["sticker"], True),
+        (payloads.SAMPLES["location"], True),
+        (payloads.SAMPLES["contacts"], True),
+        (payloads.SAMPLES["button"], True),
+        (payloads.SAMPLES["order"], True),
+        (_interactive("button_reply", {"id": "b", "title": "B"}), True),
+        (_interactive("list_reply", {"id": "l", "title": "L"}), True),
+        (_interactive("nfm_reply", {"name": "flow", "body": "Sent", "response_json": "{}"}), True),
+        (_interactive("call_permission_reply", {"response": "accept"}), False),
+        (payloads.SAMPLES["reaction"], False),
+        (payloads.SAMPLES["system"], False),
+        (payloads.SAMPLES["unsupported"], False),
+        (payloads.message("unknown"), False),
+        (payloads.message("poll", {"question": "?"}), False),
+        (payloads.SAMPLES_2025["edit"], False),
+        (payloads.SAMPLES_2025["revoke"], False),
+        (payloads.SAMPLES_2025["request_welcome"], False),
+        (payloads.message("text", {"body": 5}), False),  # kept with a parse error: we cannot tell what it was
+        (payloads.message("interactive"), False),  # Meta's 131000 shape: no `interactive` object
+    ],
+    ids=lambda v: str(v) if isinstance(v, bool) else str(v["type"]) + str((v.get("interactive") or {}).get("type", "")),
+)
+def test_ends_opt_out(raw: dict[str, Any], expected: bool) -> None:
+    assert ends_opt_out(_msg(raw)) is expected
