@@ -124,7 +124,7 @@ def _tune_gc() -> None:
 
 def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int | None = None) -> int:
     """Run the server until SIGINT/SIGTERM."""
-    setup_logging(cfg.logging.level, cfg.logging.format)
+    setup_logging(cfg.logging.level, cfg.logging.format, cfg.logging.library_level)
     announce(cfg, secrets)
     host = host or cfg.server.host
     port = cfg.server.port if port is None else port

@@ -11,7 +11,7 @@ import email.utils
 import enum
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 from msgspec.structs import replace
@@ -57,6 +57,16 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     limited: bool = False  # an unknown error: retry only a few times
     needs_template: bool = False
     raw: str | None = None  # the start of a body we could not understand
+
+    def redacted(self, redact: Callable[[str], str]) -> Decision:
+        """This decision with every text Meta (or a proxy) wrote passed through `redact`.
+
+        These texts are stored (outbox, dead letters, pause reasons) and shown, and a Graph error
+        may echo a malformed token back: see `security.Redactor`.
+        """
+        fields = {"message": self.message, "details": self.details, "raw": self.raw, "fbtrace_id": self.fbtrace_id}
+        changed = {k: redact(v) for k, v in fields.items() if v is not None}
+        return replace(self, **changed)
 
 
 class _ErrorData(msgspec.Struct):

@@ -11,7 +11,7 @@ import hashlib
 import io
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Protocol
@@ -23,7 +23,8 @@ from yarl import URL
 
 from alfred_bot.config import GraphConfig
 from alfred_bot.decide import Decision, Outcome, decide, transport_failure
-from alfred_bot.media import MediaError, MediaFile, MediaInfo, limit_for, target_path
+from alfred_bot.media import DEFAULT_DOWNLOAD_HOSTS, MediaError, MediaFile, MediaInfo, limit_for, target_path
+from alfred_bot.security import Redactor, host_allowed
 
 log = logging.getLogger("alfred.graph")
 
@@ -67,13 +68,25 @@ class GraphTransport:
     for its own number.
     """
 
-    def __init__(self, cfg: GraphConfig, tokens: Mapping[str, str], *, connections: int) -> None:
+    def __init__(
+        self,
+        cfg: GraphConfig,
+        tokens: Mapping[str, str],
+        *,
+        connections: int,
+        redactor: Redactor | None = None,
+        download_hosts: Sequence[str] = DEFAULT_DOWNLOAD_HOSTS,
+    ) -> None:
         self._base = f"{cfg.base_url.rstrip('/')}/{cfg.api_version}"
-        self._base_host = URL(cfg.base_url).host
         self._timeout = cfg.timeout_seconds
         self._tokens = dict(tokens)
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
+        # every configured secret, not only the tokens: any of them could come back in an error
+        self._redact = redactor if redactor is not None else Redactor(self._tokens.values())
+        # the bearer token goes to Meta's media hosts and the Graph API itself, nowhere else
+        self._download_hosts = tuple(download_hosts)
+        self._base_origin = URL(cfg.base_url).origin()
 
     def _auth(self, phone_number_id: str) -> dict[str, str]:
         token = self._tokens.get(phone_number_id)
@@ -81,11 +94,20 @@ class GraphTransport:
             raise RuntimeError(f"no access token for phone number id {phone_number_id}")
         return {"Authorization": f"Bearer {token}"}
 
-    def _redact(self, body: bytes) -> bytes:
-        """Meta's error text can echo a malformed token back: never keep it."""
-        for token in self._tokens.values():
-            body = body.replace(token.encode(), b"[redacted]")
-        return body
+    def _decide(self, status: int, body: bytes, headers: Mapping[str, str]) -> Decision:
+        """`decide()` with every text of the answer redacted: Meta's error text can echo a
+        malformed token back (upper-cased, truncated, inside a URL), and these texts are stored."""
+        return decide(status, body, headers).redacted(self._redact)
+
+    def _graph_error(self, status: int, body: bytes) -> str:
+        """`HTTP 404, code 100: Unsupported get request` from a Graph error body (or just the status)."""
+        d = self._decide(status, body, {})
+        parts = [f"HTTP {status}"]
+        if d.code is not None:
+            parts.append(f"code {d.code}")
+        if d.message:
+            parts.append(d.message[:200])
+        return ", ".join(parts)
 
     async def start(self) -> None:
         trace = aiohttp.TraceConfig()
@@ -116,7 +138,7 @@ class GraphTransport:
                 trace_request_ctx={"on_wire": on_wire},
             ) as resp:
                 body = await resp.read()
-                return decide(resp.status, self._redact(body), resp.headers)
+                return self._decide(resp.status, body, resp.headers)
         except TimeoutError:
             return transport_failure(f"no answer within {self._timeout:g} s")
         except aiohttp.ClientError as exc:
@@ -152,7 +174,7 @@ class GraphTransport:
         async with self._client().get(url, params=params, headers=self._auth(phone_number_id)) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise MediaError(f"media {media_id}: {_graph_error(resp.status, self._redact(body))}")
+                raise MediaError(f"media {media_id}: {self._graph_error(resp.status, body)}")
         try:
             return msgspec.json.decode(body, type=MediaInfo)
         except msgspec.DecodeError:
@@ -160,9 +182,7 @@ class GraphTransport:
 
     async def _fetch_to(self, phone_number_id: str, info: MediaInfo, dest: Path, limit: int) -> int:
         """Stream the bytes to a temporary file, cut at `limit`, check sha256, then rename."""
-        url = URL(info.url)
-        if url.scheme not in ("http", "https") or (url.scheme == "http" and url.host != self._base_host):
-            raise MediaError("media url must be https (the bearer token is never sent in clear to another host)")
+        url = self._media_url(info.url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_suffix(dest.suffix + ".part")
         digest, size = hashlib.sha256(), 0
@@ -184,6 +204,26 @@ class GraphTransport:
             partial.unlink(missing_ok=True)
         return size
 
+    def _media_url(self, raw: str) -> URL:
+        """The media URL Graph gave, if the bearer token may go there: the Graph API's own origin
+        (scheme, host and port of `graph.base_url`, e.g. a local fake), or https on a host of
+        `media.download_hosts` (Meta's CDN).
+
+        A URL elsewhere (a compromised or spoofed answer, a proxy in between) is refused, never
+        fetched: the token would be handed to whoever runs that host.
+        """
+        url = URL(raw)
+        if url.is_absolute() and url.scheme in ("http", "https") and url.origin() == self._base_origin:
+            return url
+        if url.scheme != "https" or not url.is_absolute():
+            raise MediaError("media url must be https (the bearer token is never sent in clear to another host)")
+        if not host_allowed(url.host, self._download_hosts):
+            raise MediaError(
+                f"media url host {str(url.host)[:100]!r} is not one of Meta's media hosts (media.download_hosts): "
+                "not fetched, the access token is only sent to Meta"
+            )
+        return url
+
     async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
         form = aiohttp.FormData()
         form.add_field("messaging_product", "whatsapp")
@@ -194,7 +234,7 @@ class GraphTransport:
             async with self._client().post(url, data=form, headers=self._auth(phone_number_id)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise MediaError(f"upload refused: {_graph_error(resp.status, self._redact(body))}")
+                    raise MediaError(f"upload refused: {self._graph_error(resp.status, body)}")
         except TimeoutError:
             raise MediaError(f"upload: no answer within {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -213,15 +253,6 @@ def _json_field(body: bytes, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _graph_error(status: int, body: bytes) -> str:
-    """`HTTP 404, code 100: Unsupported get request` from a Graph error body (or just the status)."""
-    d = decide(status, body, {})
-    parts = [f"HTTP {status}"]
-    if d.code is not None:
-        parts.append(f"code {d.code}")
-    if d.message:
-        parts.append(d.message[:200])
-    return ", ".join(parts)
 
 
 class SandboxTransport:

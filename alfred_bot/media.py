@@ -61,6 +61,12 @@ _EXTENSIONS = {
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
+#: Where Meta serves media bytes: the Graph API's "Retrieve Media URL" answers
+#: `https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=…&ext=…&hash=…`
+#: (developers.facebook.com/docs/whatsapp/cloud-api/reference/media). The bearer token is sent
+#: only to these hosts (and the configured Graph API host).
+DEFAULT_DOWNLOAD_HOSTS = ("lookaside.fbsbx.com", "*.fbsbx.com")
+
 
 class MediaError(Exception):
     """A media download or upload that cannot be done; the message says why (never a token)."""

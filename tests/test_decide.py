@@ -9,6 +9,7 @@ from email.utils import formatdate
 import pytest
 
 from alfred_bot.decide import Outcome, backoff, decide, retry_after, transport_failure
+from alfred_bot.security import Redactor
 
 
 def err(code: int, status: int = 400, **extra: object) -> tuple[int, bytes]:
@@ -143,3 +144,15 @@ def test_backoff_full_jitter_is_capped() -> None:
     assert max(early) <= 1.0
     late = [backoff(10, base=1, cap=60, rng=rng) for _ in range(200)]
     assert max(late) > 30  # spread across the whole capped range
+
+
+def test_redacted_passes_every_text_of_the_answer_through_the_redactor() -> None:
+    """What is stored of an answer (message, details, raw, fbtrace id) loses any secret (issue 13.7)."""
+    token = "EAAGsecret0123456789"
+    error = {"code": 190, "message": f"bad {token.upper()}", "fbtrace_id": token[2:16]}
+    body = json.dumps({"error": {**error, "error_data": {"details": f"x{token[:12]}"}}}).encode()
+    d = decide(401, body).redacted(Redactor([token]))
+    assert (d.message, d.details, d.fbtrace_id, d.code) == ("bad [redacted]", "x[redacted]", "[redacted]", 190)
+    html = decide(502, f"<html>{token}</html>".encode()).redacted(Redactor([token]))
+    assert html.raw == "<html>[redacted]</html>"
+    assert decide(200, b'{"messages":[{"id":"wamid.1"}]}').redacted(Redactor([token])).wamid == "wamid.1"

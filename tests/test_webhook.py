@@ -225,9 +225,9 @@ async def test_every_type_is_stored_and_answered(client: TestClient[Any, Any], c
     assert rows["wamid.ALL.interactive"]["context_id"] == "wamid.BIZ1"
     assert rows["wamid.ALL.text"]["name"] == "Ana"
     await wait_for(lambda: _count(cfg, "inbox WHERE state = 'handled'") == len(msgs))
-    # echo answers every type but `system`, each with a read receipt first
-    assert _count(cfg, "outbox WHERE type = 'text'") == len(msgs) - 1
-    assert _count(cfg, "outbox WHERE type = 'read'") == len(msgs) - 1
+    # echo answers every type but `system` and `reaction` (silence), each with a read receipt first
+    assert _count(cfg, "outbox WHERE type = 'text'") == len(msgs) - 2
+    assert _count(cfg, "outbox WHERE type = 'read'") == len(msgs) - 2
 
 
 async def test_batch_of_entries_changes_statuses_and_fields(client: TestClient[Any, Any], cfg: Any) -> None:
@@ -251,8 +251,8 @@ async def test_batch_of_entries_changes_statuses_and_fields(client: TestClient[A
     tenants = sorted(r[0] for r in db_rows(cfg.storage.path, "SELECT tenant FROM inbox"))
     assert tenants == ["biz", "home", "home"]
     assert [r[0] for r in db_rows(cfg.storage.path, "SELECT key FROM statuses ORDER BY key")] == [
-        "wamid.OUT1:delivered",
-        "wamid.OUT1:read",
+        f"{payloads.PNID}:wamid.OUT1:delivered",  # scoped by phone number id (issue 13.3)
+        f"{payloads.PNID}:wamid.OUT1:read",
     ]
     assert sorted(r[0] for r in db_rows(cfg.storage.path, "SELECT field FROM events")) == [
         "errors",
@@ -262,13 +262,18 @@ async def test_batch_of_entries_changes_statuses_and_fields(client: TestClient[A
 
 async def test_malformed_items_are_skipped_siblings_kept(client: TestClient[Any, Any], cfg: Any) -> None:
     bad_text = payloads.message("text", None, id="wamid.BAD")
-    bad_text["text"] = None
-    body = payloads.body_of(payloads.text("good", id="wamid.GOOD1"), bad_text, payloads.text("also", id="wamid.GOOD2"))
+    bad_text["text"] = None  # has an id: kept as an unknown message with its parse error
+    no_id = payloads.message("text", {"body": "who?"})
+    del no_id["id"]  # no id: nothing to keep it under, skipped
+    good = (payloads.text("good", id="wamid.GOOD1"), payloads.text("also", id="wamid.GOOD2"))
+    body = payloads.body_of(good[0], bad_text, no_id, good[1])
     assert await post_webhook(client, body) == 200
-    ids = sorted(r[0] for r in db_rows(cfg.storage.path, "SELECT event_id FROM inbox"))
-    assert ids == ["wamid.GOOD1", "wamid.GOOD2"]
+    rows = db_rows(cfg.storage.path, "SELECT event_id, parse_error FROM inbox ORDER BY event_id")
+    assert [r["event_id"] for r in rows] == ["wamid.BAD", "wamid.GOOD1", "wamid.GOOD2"]
+    assert rows[0]["parse_error"] and rows[1]["parse_error"] is None
     health = await (await client.get("/healthz")).json()
     assert health["webhook"]["items_skipped"] == 1
+    assert health["webhook"]["parse_errors"] == 1
 
 
 async def test_redelivery_is_stored_dispatched_and_answered_once(client: TestClient[Any, Any], cfg: Any) -> None:
