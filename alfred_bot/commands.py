@@ -240,8 +240,10 @@ def send(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
 
 
 def status(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
-    """Print the numbers the status page shows (from the open `/status.json`)."""
-    answer = _request(f"{_base_url(cfg, args.url)}/status.json")
+    """Print the numbers the status page shows (from `/status.json`): the detailed view when
+    ALFRED_API_TOKEN is set (pause reasons, failures), else the open one (counts and states)."""
+    headers = {"Authorization": f"Bearer {secrets.api_token}"} if secrets.api_token else {}
+    answer = _request(f"{_base_url(cfg, args.url)}/status.json", headers=headers)
     if answer is None:
         return _fail(f"no server at {_base_url(cfg, args.url)}: start it with `python main.py` first")
     try:
@@ -261,10 +263,11 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         f"Alfred {data.get('version')} — {str(data.get('mode', '?')).upper()} — {data.get('status')} — "
         f"up {data.get('uptime_seconds', 0):.0f} s"
+        + (" (open view: set ALFRED_API_TOKEN for details)" if data.get("view") == "open" else "")
     ]
     for tenant in data.get("tenants", []):
         paused = tenant.get("paused")
-        pause = f" PAUSED ({paused.get('kind')}: {paused.get('reason')})" if paused else ""
+        pause = f" PAUSED ({paused.get('kind')}: {paused.get('reason') or paused.get('code')})" if paused else ""
         outbox = ", ".join(f"{k} {v}" for k, v in sorted(tenant.get("outbox", {}).items())) or "empty"
         lines.append(
             f"  {tenant.get('name')}: in {tenant.get('inbound_per_minute', 0)}/min, "
@@ -274,7 +277,18 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     queues = data.get("queues", {})
     if queues:
         lines.append("  queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
-    return lines
+    return lines + _attention_lines(data.get("attention") or [])
+
+
+def _attention_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Meta's account, template and quality updates that need someone (newest first)."""
+    lines = [
+        f"  NEEDS ATTENTION: {row.get('tenant') or 'account'}: {row.get('kind')}"
+        + (f" ({row['detail']})" if row.get("detail") else "")
+        for row in rows
+    ]
+    # Meta's texts (template names, reasons) reach a terminal: no escape sequences through
+    return ["".join(c if c.isprintable() else "?" for c in line) for line in lines]
 
 
 # ---------------------------------------------------------------------------- dead letters

@@ -5,6 +5,9 @@ is full they are NOT dropped: they are already pending in the store, and a catch
 the store for pending messages once the queue has room (it also runs at start-up, which is how
 messages accepted before a crash get handled). A message is never in the queue twice: the
 `_inflight` set guards the queue, and the completion's `state = 'pending'` check guards the store.
+
+The queue has one lane per tenant (`lanes.FairQueue`): a tenant holds at most its share of the
+workers, so one tenant's slow handlers or hanging orchestrator never delay another tenant's messages.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from alfred_bot.abuse import InboundLimiter, is_opt_out
+from alfred_bot.abuse import InboundLimiter, ends_opt_out, is_opt_out
 from alfred_bot.config import Config
 from alfred_bot.context import Context, Services, StatusContext
-from alfred_bot.logs import bound, new_trace_id
+from alfred_bot.lanes import FairQueue
+from alfred_bot.logs import bound, new_trace_id, redact
 from alfred_bot.metrics import Metrics
-from alfred_bot.models import Message
+from alfred_bot.models import Message, TextMessage
 from alfred_bot.orchestrator import Orchestrator, OrchestratorError, envelope, split_text
 from alfred_bot.parse import InboundItem, StatusItem
 from alfred_bot.router import CONTINUE, Router
@@ -58,9 +62,12 @@ class Dispatcher:
         self._limits = cfg.limits
         self._orchestrator = orchestrator if orchestrator is not None and orchestrator.enabled else None
         self._orchestrator_fallback = cfg.orchestrator.fallback_text
+        self._orchestrator_parts = cfg.orchestrator.max_parts
         self._services = services
         self._limiter = InboundLimiter(cfg.limits.inbound_per_user, cfg.limits.inbound_window_seconds)
-        self.queue: asyncio.Queue[InboundItem | StatusItem] = asyncio.Queue(maxsize=cfg.dispatch.queue_size)
+        self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
+            cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
+        )
         self._inflight: set[str] = set()
         self._done_during_scan: set[str] | None = None  # only while a scan batch is in progress
         self._backlog = asyncio.Event()
@@ -98,22 +105,22 @@ class Dispatcher:
             if isinstance(item, StatusItem):
                 self._offer_status(item)
                 continue
-            if item.message.id in self._inflight:
+            if item.key in self._inflight:
                 continue
             try:
-                self.queue.put_nowait(item)
+                self.queue.put_nowait(item.tenant or "", item)
             except asyncio.QueueFull:
                 self.counts["overflow"] += 1
                 self._backlog.set()
             else:
-                self._inflight.add(item.message.id)
+                self._inflight.add(item.key)
 
     def _offer_status(self, item: StatusItem) -> None:
         router = self._routers.get(item.tenant or "")
         if router is None or not router.status_handlers(item.status):
             return
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait(item.tenant or "", item)
         except asyncio.QueueFull:
             self.counts["status_dropped"] += 1
 
@@ -147,12 +154,12 @@ class Dispatcher:
         if not batch:
             return None
         for pending in batch:
-            event_id = pending.item.message.id
+            event_id = pending.item.key  # a wamid is unique per business number only
             if event_id in self._inflight or event_id in done:
                 continue
             self._inflight.add(event_id)
             self.counts["recovered"] += 1
-            await self.queue.put(pending.item)
+            await self.queue.put(pending.item.tenant or "", pending.item)
         return batch[-1].seq
 
     def _retry_later(self) -> None:
@@ -162,7 +169,7 @@ class Dispatcher:
         current = asyncio.current_task()
         assert current is not None
         while not self._stopping:
-            item = await self.queue.get()
+            lane, item = await self.queue.get()
             self._busy.add(current)
             try:
                 if isinstance(item, StatusItem):
@@ -171,7 +178,7 @@ class Dispatcher:
                     await self._guarded(item)
             finally:
                 self._busy.discard(current)
-                self.queue.task_done()
+                self.queue.done(lane)
 
     async def _guarded(self, item: InboundItem) -> None:
         trace_id = item.trace_id or new_trace_id()
@@ -182,15 +189,15 @@ class Dispatcher:
             log.exception("dispatch of %s failed; it stays pending", item.message.id)
             self._retry_later()
         finally:
-            self._inflight.discard(item.message.id)
+            self._inflight.discard(item.key)
             if self._done_during_scan is not None:
-                self._done_during_scan.add(item.message.id)
+                self._done_during_scan.add(item.key)
 
     async def _handle(self, item: InboundItem) -> None:
         try:
             done = await self._run_handler(item)
         finally:
-            self._cancel_early(item.message.id)  # the completion carries the receipt
+            self._cancel_early(f"{item.tenant}:{item.message.id}")  # the completion carries the receipt
         attempt = 0
         while True:
             try:
@@ -214,7 +221,7 @@ class Dispatcher:
         router = self._routers.get(tenant) if tenant else None
         if router is None or tenant is None:
             log.warning("message %s: tenant %r is not configured any more", message.id, tenant)
-            return Completion(message.id, "unrouted")
+            return Completion(message.id, "unrouted", phone_number_id=item.phone_number_id)
         ctx = Context(
             tenant=tenant,
             phone_number_id=item.phone_number_id,
@@ -251,7 +258,7 @@ class Dispatcher:
         (one write instead of two). The completion inserts the row anyway; its idempotency key
         makes a second insert a no-op, and if the early write fails the completion still queues it.
         """
-        event_id = row.source_event_id or row.id
+        event_id = f"{row.tenant}:{row.source_event_id or row.id}"  # wamids are unique per number only
         loop = asyncio.get_running_loop()
         self._early_timers[event_id] = loop.call_later(EARLY_RECEIPT_AFTER, self._spawn_early, event_id, row)
 
@@ -276,9 +283,17 @@ class Dispatcher:
             self._on_replies()
 
     def _completion(self, ctx: Context, state: InboxState, error: str | None = None) -> Completion:
-        """Every message the user writes (other than an opt-out) means they want to hear from us."""
+        """A message the user writes or taps (other than an opt-out) means they want to hear from us;
+        a reaction, an edit, a system notice … changes nothing (`abuse.ends_opt_out`)."""
         return Completion(
-            ctx.message.id, state, tuple(ctx.replies), error, tenant=ctx.tenant, user=ctx.recipient, consent="in"
+            ctx.message.id,
+            state,
+            tuple(ctx.replies),
+            error,
+            tenant=ctx.tenant,
+            user=ctx.recipient,
+            consent="in" if ends_opt_out(ctx.message) else None,
+            phone_number_id=ctx.phone_number_id,
         )
 
     def _gate(self, ctx: Context) -> Completion | None:
@@ -289,7 +304,13 @@ class Dispatcher:
             if self._limits.opt_out_reply.strip():
                 ctx.reply(self._limits.opt_out_reply[:4096])
             return Completion(
-                message.id, "handled", tuple(ctx.replies), tenant=ctx.tenant, user=ctx.recipient, consent="out"
+                message.id,
+                "handled",
+                tuple(ctx.replies),
+                tenant=ctx.tenant,
+                user=ctx.recipient,
+                consent="out",
+                phone_number_id=ctx.phone_number_id,
             )
         verdict = self._limiter.check(ctx.tenant, ctx.recipient, float(message.timestamp))
         if verdict.allowed:
@@ -297,7 +318,14 @@ class Dispatcher:
         if verdict.notify and self._limits.limit_notice.strip():
             ctx.reply(self._limits.limit_notice[:4096])
         log.warning("message %s: user over the inbound limit (tenant %s), kept but not handled", message.id, ctx.tenant)
-        return Completion(message.id, "limited", tuple(ctx.replies), tenant=ctx.tenant, user=ctx.recipient)
+        return Completion(
+            message.id,
+            "limited",
+            tuple(ctx.replies),
+            tenant=ctx.tenant,
+            user=ctx.recipient,
+            phone_number_id=ctx.phone_number_id,
+        )
 
     async def _route(self, router: Router, ctx: Context) -> None:
         """The router's middleware, once, around: matching routes in order until one does not
@@ -307,7 +335,7 @@ class Dispatcher:
             for handler in router.handlers_for(message):
                 if await handler(message, ctx) is not CONTINUE:
                     return
-            if self._orchestrator is not None and message.type == "text":
+            if self._orchestrator is not None and isinstance(message, TextMessage):
                 await self._ask_orchestrator(message, ctx)
             elif router.fallback is not None:
                 await router.fallback(message, ctx)
@@ -334,7 +362,7 @@ class Dispatcher:
             if self._orchestrator_fallback.strip():
                 ctx.reply(self._orchestrator_fallback[:4096])
             return
-        for part in split_text(answer):
+        for part in split_text(answer, max_parts=self._orchestrator_parts):
             ctx.reply(part)
 
     async def _handle_status(self, item: StatusItem) -> None:
@@ -361,7 +389,7 @@ class Dispatcher:
     def _failed(self, ctx: Context, exc: BaseException) -> Completion:
         """Drop whatever the handler queued; queue the configured fallback instead."""
         reason = "handler timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # storable whatever it holds
+        reason = redact(reason.encode("utf-8", "backslashreplace").decode("utf-8"))  # storable, secret-free
         log.error("handler failed for %s (tenant %s): %s", ctx.message.id, ctx.tenant, reason)
         ctx.replies[:] = [r for r in ctx.replies if r.type == "read"]  # the receipt stays, replies go
         if self._cfg.fallback_text.strip():

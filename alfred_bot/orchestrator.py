@@ -5,6 +5,11 @@ bounded by `timeout_seconds`; timeouts, connection failures, 429 and 5xx are ret
 `retries` times; a 4xx, a body that is not JSON, or one without a `response` text is not (it
 would fail the same way again). Whatever fails, the caller gets `OrchestratorError` and sends
 the configured fallback, so the user always hears back.
+
+The orchestrator is not trusted further than that: redirects are never followed (a 3xx is a
+failure, so the user's text and number are never re-posted to a host we did not configure), the
+answer is read up to `max_answer_bytes` (more is a failure: a cut JSON could not be read anyway,
+and compressed answers are not unpacked), and `split_text` sends at most `max_parts` messages.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from alfred_bot.metrics import Metrics
 log = logging.getLogger("alfred.orchestrator")
 
 RETRY_PAUSE = 0.25  # seconds before the first retry; doubles each time
+READ_CHUNK = 16 * 1024
+ELLIPSIS = "…"
 
 
 class OrchestratorError(Exception):
@@ -89,7 +96,10 @@ class Orchestrator:
 
     async def start(self) -> None:
         if self.enabled and self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._cfg.timeout_seconds))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._cfg.timeout_seconds),
+                auto_decompress=False,  # a gzip bomb stays a few compressed bytes (and is not JSON)
+            )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -102,7 +112,11 @@ class Orchestrator:
             raise OrchestratorError("the orchestrator is not configured")
         self.counts["requests"] += 1
         body = msgspec.json.encode(request)
-        headers = {"Content-Type": "application/json", "X-Trace-Id": str(request.get("trace_id", ""))}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            "X-Trace-Id": str(request.get("trace_id", "")),
+        }
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         problem = "no attempt made"
@@ -131,26 +145,59 @@ class Orchestrator:
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> str:
         try:
-            async with session.post(self._cfg.url, data=body, headers=headers) as resp:
-                raw = await resp.read()
+            async with session.post(self._cfg.url, data=body, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                if 300 <= status < 400:
+                    self.counts["redirects_refused"] += 1
+                    raise OrchestratorError(f"HTTP {status}: redirects are not followed")
+                raw = await self._read_capped(resp) if status < 400 else b""
         except TimeoutError:
             raise _Retryable(f"no answer within {self._cfg.timeout_seconds:g} s") from None
         except aiohttp.ClientError as exc:
             raise _Retryable(f"connection failed: {type(exc).__name__}") from None
-        if resp.status == 429 or resp.status >= 500:
-            raise _Retryable(f"HTTP {resp.status}")
-        if resp.status >= 400:
-            raise OrchestratorError(f"HTTP {resp.status}")
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status}")
+        if status >= 400:
+            raise OrchestratorError(f"HTTP {status}")
         return answer_text(raw)
 
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, or OrchestratorError once it passes `max_answer_bytes` (never held whole)."""
+        cap = self._cfg.max_answer_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            self.counts["answers_too_large"] += 1
+            raise OrchestratorError(f"the answer is larger than orchestrator.max_answer_bytes ({cap} bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                self.counts["answers_too_large"] += 1
+                raise OrchestratorError(f"the answer is larger than orchestrator.max_answer_bytes ({cap} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-def split_text(text: str, size: int = 4096) -> list[str]:
-    """Cut a long answer into WhatsApp-sized messages, at a line break or space when possible."""
+
+def _cut(text: str, size: int) -> int:
+    """Where to cut `text` to at most `size` characters: a line break or space in the second half."""
+    cut = max(text.rfind("\n", 0, size), text.rfind(" ", 0, size))
+    return cut if cut > size // 2 else size
+
+
+def split_text(text: str, size: int = 4096, max_parts: int = 0) -> list[str]:
+    """Cut a long answer into WhatsApp-sized messages, at a line break or space when possible.
+
+    With `max_parts`, at most that many: the last one then ends with "…" where the text was cut,
+    so one answer can never become hundreds of messages blocking the user's conversation.
+    """
     parts: list[str] = []
     rest = text.strip()
     while len(rest) > size:
-        cut = max(rest.rfind("\n", 0, size), rest.rfind(" ", 0, size))
-        cut = cut if cut > size // 2 else size
+        if max_parts and len(parts) == max_parts - 1:
+            cut = _cut(rest, size - len(ELLIPSIS))
+            parts.append(rest[:cut].rstrip() + ELLIPSIS)
+            return parts
+        cut = _cut(rest, size)
         parts.append(rest[:cut].rstrip())
         rest = rest[cut:].lstrip()
     if rest:

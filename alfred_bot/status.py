@@ -3,6 +3,13 @@
 Rates over the last minute come from `meters.Meters` (fed by the webhook and the sender), send
 latencies and errors by code from `metrics.Metrics`, the rest from the store. Phone numbers are
 masked here, once, so no view can forget to; names and texts are left raw for the view to escape.
+
+Two views. The **open** one (no token: anyone who can reach the port) holds counts and states only:
+no profile names, texts, handler or Graph error texts, pause reasons, message ids or phone numbers.
+Not even masked numbers: a country code and the last digits, with a time, are enough to tell who
+wrote to a clinic. The **detailed** one needs the API token (`Authorization: Bearer` or
+`X-API-Key`, as `/api/*`); a missing or wrong token simply gets the open view. Fields are kept by
+allow-list, so a field added to a store row later stays out of the open view until chosen.
 """
 
 from __future__ import annotations
@@ -12,12 +19,29 @@ from typing import Any
 
 from aiohttp import web
 
-from alfred_bot import __version__, keys
+from alfred_bot import __version__, attention, keys
 from alfred_bot.privacy import mask
+from alfred_bot.security import api_token_of, token_ok
 
 DAY = 86400.0
 RECENT = 20
 EXCERPT = 80
+EVENTS_PER_FIELD = 100  # newest events read per field to find those needing a person
+EVENTS_PER_TENANT = 10
+
+#: What the open view keeps of a failure, a dead letter and a pause (allow-lists).
+OPEN_FAILURE = ("tenant", "at")
+OPEN_DEAD_LETTER = ("tenant", "type", "attempts", "error_code", "created_at")
+OPEN_PAUSE = ("kind", "code", "since")
+
+
+def authorized(request: web.Request) -> bool:
+    """True when the request carries the API token: it may see the detailed view."""
+    return token_ok(api_token_of(request.headers), request.app[keys.SECRETS].api_token)
+
+
+def _only(row: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+    return {k: row.get(k) for k in keep}
 
 
 def _ratio(part: int, whole: int) -> float | None:
@@ -36,40 +60,67 @@ def _delivery(counts: dict[str, int] | None) -> dict[str, Any]:
     }
 
 
-def _tenant(app: web.Application, name: str, outbox: dict[str, int], delivery: dict[str, int] | None) -> dict[str, Any]:
+def _tenant(
+    app: web.Application, name: str, outbox: dict[str, int], delivery: dict[str, int] | None, detailed: bool
+) -> dict[str, Any]:
     cfg, sender, meters, metrics = app[keys.CONFIG], app[keys.SENDER], app[keys.METERS], app[keys.METRICS]
+    lanes = app[keys.DISPATCHER].queue
     pause = sender.pauses.get(name)
+    paused = {"kind": pause.kind, "reason": pause.reason, "code": pause.code, "since": pause.since} if pause else None
     return {
         "name": name,
-        "handler": cfg.handler_for(name),
+        **({"handler": cfg.handler_for(name)} if detailed else {}),
         "rate_limit": cfg.outbound.rate_per_second,
         "inbound_per_minute": meters.inbound[name].last_minute(),
         "outbound_per_minute": meters.outbound[name].last_minute(),
         "queue": sender.queue_depths().get(name, 0),
+        "dispatch": {"queued": lanes.depths().get(name, 0), "busy": lanes.busy().get(name, 0)},
         "outbox": outbox,
         "latency_ms": metrics.latency_ms(name),
         "errors_by_code": dict(metrics.errors_by_code.get(name, {})),
-        "paused": {"kind": pause.kind, "reason": pause.reason, "code": pause.code, "since": pause.since}
-        if pause
-        else None,
+        "paused": (paused if detailed else _only(paused, OPEN_PAUSE)) if paused else None,
         "delivery_24h": _delivery(delivery),
     }
 
 
-async def _lists(app: web.Application) -> dict[str, list[dict[str, Any]]]:
+async def _lists(app: web.Application, detailed: bool) -> dict[str, list[dict[str, Any]]]:
     store = app[keys.STORE]
     failures = await store.recent_failures(RECENT)
+    dead = await store.dead_letters(RECENT)
+    if not detailed:
+        return {
+            "recent_failures": [_only(row, OPEN_FAILURE) for row in failures],
+            "dead_letters": [_only(row, OPEN_DEAD_LETTER) for row in dead],
+        }
     for row in failures:
         row["from"] = mask(row["from"] or "")
         row["text"] = (row["text"] or "")[:EXCERPT]
-    dead = await store.dead_letters(RECENT)
     for row in dead:
         row["to"] = mask(row.pop("to"))
     return {"recent_failures": failures, "dead_letters": dead}
 
 
-async def collect(app: web.Application) -> dict[str, Any]:
-    """The whole picture as JSON-ready data: numbers masked, names and texts raw (views escape them)."""
+def _newest(event: dict[str, Any]) -> tuple[float, float]:
+    received = float(event.get("received_at") or 0)
+    return float(event.get("time") or received), received
+
+
+async def _attention(app: web.Application, detailed: bool) -> list[dict[str, Any]]:
+    """The latest account, template and quality events that need a person (see `attention`)."""
+    store = app[keys.STORE]
+    events: list[dict[str, Any]] = []
+    for field in attention.FIELDS:
+        events += await store.events(EVENTS_PER_FIELD, field=field)
+    # newest by Meta's trigger time (a late redelivery must not supersede a newer event), then arrival
+    events.sort(key=_newest, reverse=True)
+    rows = attention.needing_a_person(events, EVENTS_PER_TENANT)
+    return rows if detailed else [_only(row, attention.OPEN_KEYS) for row in rows]
+
+
+async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, Any]:
+    """The whole picture as JSON-ready data: numbers masked, names and texts raw (views escape them).
+
+    Without `detailed` only counts and states (the open view, see the module docstring)."""
     cfg, store = app[keys.CONFIG], app[keys.STORE]
     dispatcher, sender = app[keys.DISPATCHER], app[keys.SENDER]
     store_ok = await store.healthy()
@@ -79,17 +130,19 @@ async def collect(app: web.Application) -> dict[str, Any]:
     ok = store_ok and dispatcher.running and sender.running and not draining
     return {
         "status": "ok" if ok else ("draining" if draining else "unavailable"),
+        "view": "detailed" if detailed else "open",
         "mode": app[keys.SECRETS].mode,
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
         "draining": draining,
-        "tenants": [_tenant(app, name, by_tenant.get(name, {}), delivery.get(name)) for name in cfg.tenants],
+        "tenants": [_tenant(app, name, by_tenant.get(name, {}), delivery.get(name), detailed) for name in cfg.tenants],
         "queues": {
             "dispatch": dispatcher.queue.qsize(),
             "dispatch_size": dispatcher.queue.maxsize,
             "send": sender.queued,
         },
-        **(await _lists(app) if store_ok else {"recent_failures": [], "dead_letters": []}),
+        **(await _lists(app, detailed) if store_ok else {"recent_failures": [], "dead_letters": []}),
+        "attention": await _attention(app, detailed) if store_ok else [],
         "dispatcher": dict(dispatcher.counts),
         "sender": dict(sender.counts),
         "orchestrator": dict(app[keys.ORCHESTRATOR].counts),

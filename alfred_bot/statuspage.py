@@ -25,7 +25,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from alfred_bot.status import collect
+from alfred_bot.status import authorized, collect
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -77,6 +77,7 @@ GRAPH_CODES: dict[str, str] = {
 }
 
 FAILURE_KEYS = ("id", "tenant", "from", "name", "text", "error", "at")
+ATTENTION_KEYS = ("tenant", "field", "kind", "time", "received_at", "waba_id", "detail")
 DEAD_LETTER_KEYS = ("id", "tenant", "to", "type", "attempts", "error_code", "error_message", "created_at")
 PAUSE_KEYS = ("kind", "reason", "code", "since")
 
@@ -110,8 +111,12 @@ def setup(app: web.Application) -> None:
 
 
 async def page(request: web.Request) -> web.Response:
-    """The status page, rendered from the same data as `/status.json` (503 while unavailable)."""
-    data = await collect(request.app)
+    """The status page, rendered from the same data as `/status.json` (503 while unavailable).
+
+    A browser's navigation carries no token, so it gets the open view; `status.js` then fetches
+    the detailed one with the token kept in the tab. `curl -H "Authorization: Bearer …"` gets it here.
+    """
+    data = await collect(request.app, detailed=authorized(request))
     context = {**view(data), "rendered_at": time.time()}
     status = 200 if context["status"] == "ok" else 503
     return aiohttp_jinja2.render_template("status.html", request, context, status=status)
@@ -133,6 +138,7 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
     queues = _dict(data.get("queues"))
     return {
         "status": str(data.get("status") or "unavailable"),
+        "detailed": data.get("view") == "detailed",
         "mode": str(data.get("mode") or "unknown"),
         "version": str(data.get("version") or "?"),
         "uptime_seconds": _num(data.get("uptime_seconds")),
@@ -141,6 +147,7 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
         "tenants": [tenant_view(t) for t in _list(data.get("tenants"))],
         "failures": [_pick(f, FAILURE_KEYS) for f in _list(data.get("recent_failures"))],
         "dead_letters": [_pick(d, DEAD_LETTER_KEYS) for d in _list(data.get("dead_letters"))],
+        "attention": [_pick(a, ATTENTION_KEYS) for a in _list(data.get("attention"))],
         "counters": {k: _dict(data.get(k)) for k in ("dispatcher", "sender", "orchestrator")},
         "graph_codes": GRAPH_CODES,
         "poll_ms": POLL_MS,
@@ -154,7 +161,7 @@ def tenant_view(raw: Any) -> dict[str, Any]:
     latency, delivery, pause = _dict(t.get("latency_ms")), _dict(t.get("delivery_24h")), t.get("paused")
     return {
         "name": str(t.get("name", "?")),
-        "handler": str(t.get("handler") or "?"),
+        "handler": str(t["handler"]) if t.get("handler") else None,  # detailed view only
         "rate_limit": rate,
         "inbound_per_minute": _num(t.get("inbound_per_minute")),
         "outbound_per_minute": outbound,

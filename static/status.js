@@ -6,6 +6,8 @@
  *   Bidi and control characters are shown as "\u2039U+XXXX\u203a" (as the server does) and sit in <bdi>.
  * - The API token lives in sessionStorage only (this tab): never a cookie, never the URL, never a
  *   form field that could be submitted.
+ * - Without a token /status.json gives the open view (counts and states); with it, the detailed
+ *   view (names, texts, errors), fetched with the same header as the actions below.
  * - Operator actions are fetch() POSTs carrying `Authorization: Bearer <token>` with
  *   credentials: "omit". This is CSRF-safe by construction: the API accepts no ambient credential
  *   (no cookie, no basic auth), and another site cannot read the token from this origin's
@@ -25,6 +27,7 @@
   var codes = readCodes();
   var lastOk = Date.now();
   var timer = null;
+  var detailedView = false;  // the last /status.json was the detailed view (the token was accepted)
 
   // ------------------------------------------------------------------ formatting (as the server)
 
@@ -92,7 +95,8 @@
   function pauseBox(p) {
     return h("div", {class: "pause", role: "alert"},
       h("strong", {}, "Paused" + (p.kind ? " (" + visible(p.kind) + ")" : "") + ":"), " ",
-      h("bdi", {class: "reason", "data-field": "pause-reason"}, visible(p.reason) || "no reason given"),
+      h("bdi", {class: "reason", "data-field": "pause-reason"},
+        visible(p.reason) || (detailedView ? "no reason given" : "the reason needs the API token")),
       h("div", {class: "pause-meta"}, "code " + (visible(p.code) || "\u2014") + " \u00b7 since " + utc(p.since)));
   }
 
@@ -117,7 +121,7 @@
     return h("article", {class: "card" + (paused ? " is-paused" : ""), "data-tenant": String(t.name)},
       h("header", {class: "card-head"},
         h("h3", {}, h("bdi", {}, visible(t.name))),
-        h("span", {class: "handler"}, "handler ", h("code", {}, visible(t.handler || "?"))),
+        t.handler ? h("span", {class: "handler"}, "handler ", h("code", {}, visible(t.handler))) : null,
         paused ? h("span", {class: "badge bad"}, "paused") : h("span", {class: "badge good"}, "sending")),
       paused ? pauseBox(paused) : null,
       h("dl", {class: "stats"},
@@ -168,7 +172,26 @@
       h("td", {class: "n"}, count(d.attempts)),
       h("td", {class: "error"}, h("span", {class: "code", title: codeName(d.error_code)}, visible(d.error_code)), " ",
         h("bdi", {}, visible(d.error_message))),
-      h("td", {}, h("button", {type: "button", class: "retry", "data-retry": d.id}, "Retry")));
+      h("td", {}, d.id ? h("button", {type: "button", class: "retry", "data-retry": d.id}, "Retry") : null));
+  }
+
+  function attentionRow(a) {
+    return h("tr", {class: "attention", "data-field": a.field},
+      h("td", {class: "time"}, utc(isNum(a.time) ? a.time : a.received_at)),
+      h("td", {}, a.tenant ? visible(a.tenant) : "account (no number)"),
+      h("td", {class: "kind"}, h("strong", {}, visible(a.kind))),
+      h("td", {class: "detail"}, h("bdi", {}, visible(a.detail)),
+        a.waba_id ? [" ", h("span", {class: "muted"}, "WABA " + visible(a.waba_id))] : null));
+  }
+
+  function showView(detailed) {
+    var note = document.getElementById("open-note");
+    if (note) note.hidden = detailed;
+    var state = document.getElementById("token-state");
+    if (!state) return;
+    if (!token()) { state.textContent = ""; state.className = "muted"; return; }
+    state.textContent = detailed ? "accepted: detailed view" : "not accepted: open view only";
+    state.className = detailed ? "good" : "bad";
   }
 
   function counters(data) {
@@ -184,6 +207,7 @@
 
   function render(data) {
     var ok = data.status === "ok", mode = String(data.mode || "unknown"), q = obj(data.queues);
+    detailedView = data.view === "detailed";
     var health = document.getElementById("health");
     if (health) { health.textContent = ok ? "ok" : String(data.status || "unavailable"); health.className = "badge " + (ok ? "good" : data.status === "draining" ? "warn" : "bad"); }
     var modeEl = document.getElementById("mode");
@@ -196,21 +220,32 @@
     text("q-send", count(q.send));
     var tenants = document.getElementById("tenants");
     if (tenants) tenants.replaceChildren.apply(tenants, arr(data.tenants).map(function (t) { return card(obj(t)); }));
+    rows("attention", arr(data.attention).map(obj), 4, attentionRow, "Nothing needs attention.");
     rows("failures", arr(data.recent_failures).map(obj), 6, failureRow, "No failures.");
     rows("dead", arr(data.dead_letters).map(obj), 7, deadRow, "No dead letters.");
     counters(data);
+    showView(detailedView);
     syncButtons();
     text("updated", "updated " + utc(Date.now() / 1000));
   }
 
   // ------------------------------------------------------------------ polling
 
+  var pollSeq = 0;
+
   function poll() {
     clearTimeout(timer);
+    var seq = ++pollSeq;
+    // The token (if any) asks for the detailed view; header auth, no cookies (see the top).
+    var headers = token() ? {"Authorization": "Bearer " + token()} : {};
     // /status.json answers 503 with the same JSON while unavailable: draw it either way.
-    return fetch("/status.json", {cache: "no-store", credentials: "omit"})
+    return fetch("/status.json", {cache: "no-store", credentials: "omit", headers: headers})
       .then(function (r) { return r.json(); })
-      .then(function (data) { lastOk = Date.now(); render(obj(data)); })
+      .then(function (data) {
+        if (seq !== pollSeq) return;  // an older answer (e.g. from before the token changed)
+        lastOk = Date.now();
+        render(obj(data));
+      })
       .catch(function () { /* shown by the stale badge below */ })
       .then(function () {
         var stale = document.getElementById("stale");
@@ -264,6 +299,7 @@
     });
   }
 
+  var typing = null;
   if (tokenInput) {
     try { tokenInput.value = sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { /* storage off */ }
     tokenInput.addEventListener("input", function () {
@@ -271,6 +307,8 @@
         if (token()) sessionStorage.setItem(TOKEN_KEY, token()); else sessionStorage.removeItem(TOKEN_KEY);
       } catch (e) { /* storage off: the field still works for this page */ }
       syncButtons();
+      clearTimeout(typing);
+      typing = setTimeout(poll, 300);  // fetch the view this token allows once typing pauses
     });
   }
   var forget = document.getElementById("forget-token");
@@ -278,6 +316,7 @@
     try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* storage off */ }
     if (tokenInput) tokenInput.value = "";
     syncButtons();
+    poll();  // back to the open view at once
   });
   var dead = document.getElementById("dead");
   if (dead) dead.addEventListener("click", function (ev) {

@@ -254,6 +254,26 @@ def test_status_json_is_valid_json_with_the_tenants(server: Server) -> None:
     assert payloads.PNID not in result.stdout  # phone numbers stay out of the open status
 
 
+def test_status_sends_the_api_token_for_the_detailed_view(server: Server) -> None:
+    result = _main(server, "status", "--json")  # ALFRED_API_TOKEN is set: sent as a Bearer header
+    data = json.loads(result.stdout)
+    assert data["view"] == "detailed"
+    assert data["dead_letters"][0]["error_message"] == "undeliverable"
+    assert data["dead_letters"][0]["to"].startswith("+15•")  # masked, as on the page
+
+
+def test_status_without_the_token_is_the_open_view(server: Server) -> None:
+    env = clean_env(**{k: v for k, v in SECRETS.items() if k != "ALFRED_API_TOKEN"})
+    result = _main(server, "status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["view"] == "open"
+    assert "undeliverable" not in result.stdout and payloads.USER not in result.stdout
+    assert data["dead_letters"][0]["error_code"] == 131026  # the state is still there
+    text = _main(server, "status", env=env)
+    assert "(open view: set ALFRED_API_TOKEN for details)" in lines(text.stdout)[0]
+
+
 def test_status_with_no_server_is_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path, free_port())
     result = run_main("--config", str(path), "status", env=clean_env(**SECRETS))

@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from alfred_bot import keys
 from alfred_bot.app import create_app
+from alfred_bot.config import ConfigError
 from alfred_bot.context import Context, ReplyError
+from alfred_bot.lanes import FairQueue
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
@@ -173,7 +177,7 @@ async def test_echo_handler_replies(client: Any, cfg: Any) -> None:
     assert _reply_texts(cfg.storage.path, "wamid.E1") == ["You said: héllo 👋 \u202e"]
     [cut] = _reply_texts(cfg.storage.path, "wamid.E2")
     assert len(cut) == 4096 and cut.endswith("…") and cut.startswith("You said: ééé")
-    assert _reply_texts(cfg.storage.path, "wamid.E3") == ["Thanks! I received your image message."]
+    assert _reply_texts(cfg.storage.path, "wamid.E3") == ["Thanks, I got your photo."]
     assert _reply_texts(cfg.storage.path, "wamid.E4") == []
 
 
@@ -202,3 +206,57 @@ async def test_worker_survives_a_failing_completion(aiohttp_client: Any, tmp_pat
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1)
     assert _reply_texts(cfg.storage.path, "wamid.FLAKY") == ["You said: retry me"]
     assert (await client.get("/healthz")).status == 200
+
+
+# ---------------------------------------------------------------------------- fairness between tenants
+
+
+async def test_fair_queue_caps_a_lane_and_serves_the_least_busy_first() -> None:
+    queue: FairQueue[str] = FairQueue(maxsize=10, cap=2)
+    for i in range(5):
+        queue.put_nowait("a", f"a{i}")
+    assert [await queue.get() for _ in range(2)] == [("a", "a0"), ("a", "a1")]
+    waiting = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # lane "a" holds its cap: a2 waits although a worker is free
+    queue.put_nowait("b", "b0")
+    assert await asyncio.wait_for(waiting, 1) == ("b", "b0")  # another tenant goes straight through
+    queue.put_nowait("b", "b1")
+    queue.put_nowait("c", "c0")
+    queue.done("a")  # busy now: a 1, b 1, c 0
+    assert await queue.get() == ("c", "c0")  # the least busy lane first
+    assert await queue.get() == ("a", "a2")  # a tie: the lane served longest ago
+    assert await queue.get() == ("b", "b1")
+    assert (queue.qsize(), queue.depths(), queue.busy()) == (2, {"a": 2}, {"a": 2, "b": 2, "c": 1})
+
+
+async def test_fair_queue_bound_covers_every_lane_and_put_waits_for_room() -> None:
+    queue: FairQueue[str] = FairQueue(maxsize=2, cap=1)
+    queue.put_nowait("a", "a0")
+    queue.put_nowait("b", "b0")
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait("c", "c0")
+    putting = asyncio.ensure_future(queue.put("c", "c0"))
+    await asyncio.sleep(0.01)
+    assert not putting.done()
+    assert await queue.get() == ("a", "a0")
+    await asyncio.wait_for(putting, 1)
+    assert queue.qsize() == 2
+
+
+async def test_fair_queue_a_cancelled_getter_passes_its_wakeup_on() -> None:
+    queue: FairQueue[str] = FairQueue(maxsize=5, cap=1)
+    first, second = asyncio.ensure_future(queue.get()), asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0.01)
+    queue.put_nowait("a", "a0")  # wakes `first` ...
+    first.cancel()  # ... which is cancelled before it runs: `second` must get the item
+    assert await asyncio.wait_for(second, 1) == ("a", "a0")
+
+
+def test_tenant_cap_leaves_a_worker_for_every_other_tenant(tmp_path: Path) -> None:
+    assert make_config(tmp_path).dispatch.tenant_cap(2) == 3  # 4 workers, 2 tenants
+    assert make_config(tmp_path).dispatch.tenant_cap(1) == 4
+    assert make_config(tmp_path).dispatch.tenant_cap(9) == 1
+    assert make_config(tmp_path, dispatch={"max_workers_per_tenant": 2}).dispatch.tenant_cap(2) == 2
+    with pytest.raises(ConfigError, match=r"dispatch\.max_workers_per_tenant"):
+        make_config(tmp_path, dispatch={"workers": 2, "max_workers_per_tenant": 3})

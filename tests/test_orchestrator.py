@@ -34,6 +34,8 @@ class Reply:
     body: bytes | dict[str, Any] | None = None
     delay: float = 0.0
     hold: asyncio.Event | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    chunked: bool = False  # send the body in chunks, with no Content-Length
 
 
 @dataclass
@@ -69,7 +71,7 @@ class FakeOrchestrator:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Seen(request.path, dict(request.headers), json.loads(await request.read())))
         reply = self.script.popleft() if self.script else self.default
         if reply.hold is not None:
@@ -77,7 +79,17 @@ class FakeOrchestrator:
         if reply.delay:
             await asyncio.sleep(reply.delay)
         raw = reply.body if isinstance(reply.body, bytes | None) else json.dumps(reply.body).encode()
-        return web.Response(status=reply.status, body=raw or b"", content_type="application/json")
+        if not reply.chunked:
+            return web.Response(
+                status=reply.status, body=raw or b"", content_type="application/json", headers=reply.headers
+            )
+        resp = web.StreamResponse(status=reply.status, headers={"Content-Type": "application/json", **reply.headers})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for start in range(0, len(raw or b""), 65536):
+            await resp.write((raw or b"")[start : start + 65536])
+        await resp.write_eof()
+        return resp
 
 
 @pytest.fixture
@@ -265,6 +277,16 @@ def test_split_text_cuts_at_line_breaks_and_hard_cuts_a_long_word() -> None:
     assert split_text(text) == ["x" * 3000, "y" * 3000]
     assert split_text("z" * 5000) == ["z" * 4096, "z" * 904]
     assert split_text("   ") == []
+
+
+def test_split_text_stops_at_max_parts_with_an_ellipsis() -> None:
+    assert split_text("z" * 5000, max_parts=1) == ["z" * 4095 + "…"]
+    words = "uno dos " * 3000  # 24 000 characters: 6 messages uncut
+    parts = split_text(words, max_parts=2)
+    assert len(parts) == 2 and parts[1].endswith(("uno…", "dos…"))  # cut between words
+    assert all(len(p) <= 4096 for p in parts)
+    assert split_text("short", max_parts=1) == ["short"]
+    assert split_text("a" * 8192, max_parts=2) == ["a" * 4096, "a" * 4096]  # fits exactly: no cut
 
 
 # ---------------------------------------------------------------------------- failures

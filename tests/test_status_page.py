@@ -7,6 +7,7 @@ recorded by the real dispatcher and shown by the real collector.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import aiohttp_jinja2
 import pytest
 
-from alfred_bot import keys, statuspage
+from alfred_bot import attention, keys, statuspage
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.context import Context
@@ -55,15 +56,16 @@ def _hostile_body() -> bytes:
     return payloads.dump(payloads.envelope(payloads.entry(payloads.change(payloads.value([msg], name=HOSTILE_NAME)))))
 
 
-async def _page(client: Any) -> str:
-    resp = await client.get("/")
+async def _page(client: Any, headers: dict[str, str] | None = None) -> str:
+    resp = await client.get("/", headers=headers or {})
     assert resp.status == 200, await resp.text()
     assert resp.content_type == "text/html"
     return str(await resp.text())
 
 
 async def _failures(client: Any) -> list[dict[str, Any]]:
-    failures: list[dict[str, Any]] = (await (await client.get("/status.json")).json())["recent_failures"]
+    resp = await client.get("/status.json", headers=AUTH)
+    failures: list[dict[str, Any]] = (await resp.json())["recent_failures"]
     return failures
 
 
@@ -123,7 +125,7 @@ async def test_page_has_no_inline_script_and_no_external_resources(client: Any) 
 async def test_hostile_name_and_text_are_shown_as_text(hostile: Any) -> None:
     [failure] = await _failures(hostile)
     assert failure["name"] == HOSTILE_NAME  # the collector keeps it raw: the view must escape it
-    html = await _page(hostile)
+    html = await _page(hostile, AUTH)  # the detailed view (names and texts need the token)
     assert "<script>alert(1)" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;‹U+202E›evil" in html
     assert "<img" not in html
@@ -134,7 +136,7 @@ async def test_hostile_name_and_text_are_shown_as_text(hostile: Any) -> None:
 
 
 async def test_phone_numbers_are_masked(hostile: Any) -> None:
-    html = await _page(hostile)
+    html = await _page(hostile, AUTH)
     for raw in (payloads.USER, "15550001234", "0001234"):
         assert raw not in html
     assert MASKED_USER in html
@@ -143,15 +145,16 @@ async def test_phone_numbers_are_masked(hostile: Any) -> None:
 
 
 async def test_no_secret_values_in_page_or_status_json(hostile: Any) -> None:
-    html = await _page(hostile)
-    data = await (await hostile.get("/status.json")).text()
-    for secret in (APP_SECRET, VERIFY_TOKEN, API_TOKEN, ACCESS_TOKEN):
-        assert secret not in html
-        assert secret not in data
+    for headers in ({}, AUTH):
+        html = await _page(hostile, headers)
+        data = await (await hostile.get("/status.json", headers=headers)).text()
+        for secret in (APP_SECRET, VERIFY_TOKEN, API_TOKEN, ACCESS_TOKEN):
+            assert secret not in html
+            assert secret not in data
 
 
 async def test_dead_letter_has_a_retry_button_and_error_name(hostile: Any) -> None:
-    html = await _page(hostile)
+    html = await _page(hostile, AUTH)
     dead = re.findall(
         r'<tr data-id="([^"]+)">\s*<td class="time">[^<]+</td>\s*<td>home</td>\s*<td class="phone">', html
     )
@@ -169,13 +172,16 @@ async def test_pause_reason_is_prominent_and_escaped(aiohttp_client: Any, tmp_pa
     body = {"to": payloads.USER, "type": "template", "template": {"name": "t", "language": {"code": "en"}}}
     assert (await client.post("/api/messages", json=body, headers=AUTH)).status == 202
     await wait_for(lambda: bool(client.app[keys.SENDER].pauses))
-    html = await _page(client)
+    html = await _page(client, AUTH)
     card = html[html.index('data-tenant="home"') : html.index('data-tenant="biz"')]
     assert 'class="card is-paused"' in html
     assert '<div class="pause" role="alert">' in card
     assert "Paused (token):" in card
     assert "Session &lt;expired&gt;" in card
     assert "code 190" in card
+    open_card = await _page(client)  # without the token: the pause and its code, not Meta's text
+    assert "Session" not in open_card and "code 190" in open_card
+    assert "the reason needs the API token" in open_card
 
 
 async def test_page_is_503_while_unavailable(client: Any) -> None:
@@ -275,3 +281,131 @@ def test_tenant_view_load_against_limit() -> None:
     t = statuspage.tenant_view({"name": "a", "rate_limit": 80, "outbound_per_minute": 2400})
     assert (t["load"], t["limit_per_minute"]) == (0.5, 4800)
     assert statuspage.tenant_view({"name": "a", "rate_limit": 0, "outbound_per_minute": 5})["load"] is None
+
+
+# ------------------------------------------------------------------ events that need a person (issue 11)
+
+T0 = 1760000000
+
+
+def _event(field: str, value: Any, at: int) -> bytes:
+    entry = payloads.entry(payloads.change(value, field))
+    entry["time"] = at  # Meta: entry.time, the Unix time the webhook was triggered
+    return payloads.dump(payloads.envelope(entry))
+
+
+def _template(template_id: int, name: str, event: str, reason: str | None = None) -> dict[str, Any]:
+    # Meta: Webhooks reference > message_template_status_update,
+    # developers.facebook.com/docs/whatsapp/business-management-api/webhooks/components (template status)
+    return {
+        "event": event,
+        "message_template_id": template_id,
+        "message_template_name": name,
+        "message_template_language": "en_US",
+        "reason": reason,
+    }
+
+
+#: (field, value) in the order Meta sends them; entry.time increases by one second each.
+ATTENTION_EVENTS: list[tuple[str, Any]] = [
+    # Meta: account_update reference, developers.facebook.com/docs/whatsapp/cloud-api/webhooks/reference/account_update
+    (
+        "account_update",
+        {
+            "event": "ACCOUNT_RESTRICTION",
+            "restriction_info": [
+                {"restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING", "expiration": "2026-12-01T00:00:00+0000"}
+            ],
+        },
+    ),
+    ("account_update", {"event": "DISABLED_UPDATE", "ban_info": {"waba_ban_state": "DISABLE", "waba_ban_date": "x"}}),
+    ("account_update", {"event": "PARTNER_APP_INSTALLED", "waba_info": {"waba_id": "WABA1"}}),  # good news
+    ("message_template_status_update", _template(111, "promo_spring", "APPROVED")),
+    ("message_template_status_update", _template(111, "promo_spring", "PAUSED", "<script>x</script> low quality")),
+    ("message_template_status_update", _template(333, "tpl_recovered", "PAUSED", "low quality")),
+    ("message_template_status_update", _template(333, "tpl_recovered", "APPROVED")),  # resolved: not shown
+    ("message_template_status_update", _template(222, "welcome", "REJECTED", "INVALID_FORMAT")),
+    # Meta: phone_number_quality_update reference (display_phone_number, event, current_limit)
+    (
+        "phone_number_quality_update",
+        {"display_phone_number": "15550001111", "event": "DOWNGRADE", "current_limit": "TIER_250"},
+    ),
+    ("phone_number_quality_update", {"display_phone_number": "15550002222", "event": "ONBOARDING"}),
+    # Meta: message_template_quality_update reference (previous_quality_score -> new_quality_score)
+    (
+        "message_template_quality_update",
+        {
+            "previous_quality_score": "GREEN",
+            "new_quality_score": "RED",
+            "message_template_id": 111,
+            "message_template_name": "promo_spring",
+            "message_template_language": "en_US",
+        },
+    ),
+    ("message_template_status_update", ["not", "an", "object"]),  # kept by the store, ignored here
+    ("message_template_status_update", {"event": 7, "message_template_id": 9}),
+]
+
+EXPECTED_KINDS = [
+    "template quality RED",
+    "number quality downgraded",
+    "template rejected",
+    "template paused",
+    "account disabled",
+    "account restricted",
+]
+
+
+@pytest.fixture
+async def with_events(client: Any) -> Any:
+    for n, (field, value) in enumerate(ATTENTION_EVENTS):
+        assert await post_webhook(client, _event(field, value, T0 + n)) == 200
+    return client
+
+
+async def test_events_needing_a_person_in_the_open_view(with_events: Any) -> None:
+    resp = await with_events.get("/status.json")
+    text = await resp.text()
+    rows = json.loads(text)["attention"]
+    assert [r["kind"] for r in rows] == EXPECTED_KINDS  # newest first, resolved and good news left out
+    assert all(set(r) == {"tenant", "field", "kind", "time", "received_at"} for r in rows)
+    assert rows[-1] == {**rows[-1], "tenant": None, "field": "account_update", "time": T0}
+    for detail in ("promo_spring", "low quality", "INVALID_FORMAT", "RESTRICTED_BIZ", "15550001111", "WABA1"):
+        assert detail not in text  # names, reasons and numbers need the token
+    html = await _page(with_events)
+    assert html.count('<tr class="attention"') == 6
+    assert "<strong>account disabled</strong>" in html and "Nothing needs attention." not in html
+    assert "promo_spring" not in html
+
+
+async def test_events_needing_a_person_in_the_detailed_view(with_events: Any) -> None:
+    rows = (await (await with_events.get("/status.json", headers=AUTH)).json())["attention"]
+    details = {r["kind"]: r["detail"] for r in rows}
+    assert details["template paused"] == "promo_spring · en_US · <script>x</script> low quality"
+    assert details["template rejected"] == "welcome · en_US · INVALID_FORMAT"
+    assert details["account restricted"] == "RESTRICTED_BIZ_INITIATED_MESSAGING"
+    assert details["account disabled"].startswith("DISABLE")
+    assert details["number quality downgraded"] == "15550001111 · TIER_250"
+    assert details["template quality RED"] == "promo_spring · GREEN → RED"
+    assert all(r["waba_id"] == "WABA1" for r in rows)
+    html = await _page(with_events, AUTH)
+    assert "&lt;script&gt;x&lt;/script&gt; low quality" in html and "<script>x" not in html
+    assert "tpl_recovered" not in html  # paused, then approved again: nobody needs to act
+
+
+def test_attention_keeps_a_few_per_tenant_and_reads_values_defensively() -> None:
+    def ev(tenant: str | None, n: int) -> dict[str, Any]:
+        value = {"event": "paused", "message_template_id": n, "message_template_language": "en"}  # any case
+        return {"tenant": tenant, "field": "message_template_status_update", "waba_id": "W", "value": value}
+
+    rows = attention.needing_a_person([ev("home", n) for n in range(9)] + [ev(None, 99)], per_tenant=3)
+    assert [(r["tenant"], r["kind"]) for r in rows] == [("home", "template paused")] * 3 + [(None, "template paused")]
+    assert attention.classify(
+        "account_update", {"event": "DISABLED_UPDATE", "ban_info": {"waba_ban_state": "REINSTATE"}}
+    ) == ("", "ban", "")
+    assert attention.classify("account_update", {"event": "DISABLED_UPDATE"})[0] == "account disabled"
+    assert attention.classify("account_update", {"event": "SOMETHING_NEW"}) is None
+    assert attention.classify("user_preferences", {"event": "PAUSED"}) is None
+    assert attention.classify("message_template_quality_update", {"new_quality_score": "GREEN"})[0] == ""
+    long = attention.classify("message_template_status_update", {"event": "REJECTED", "reason": "x" * 5000})
+    assert long is not None and len(long[2]) <= attention.DETAIL_MAX
