@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from alfred_bot import __version__, keys
 from alfred_bot.config import Config
 from alfred_bot.context import new_outbox_id
 from alfred_bot.media import MediaError, check_upload, kind_for
-from alfred_bot.security import bearer, token_ok
-from alfred_bot.status import collect
+from alfred_bot.security import api_token_of, token_ok
+from alfred_bot.status import authorized, collect
 from alfred_bot.store import OutboxRow, StoreError
-from alfred_bot.validate import InvalidMessage, validate_send
+from alfred_bot.validate import InvalidMessage, addressee, is_group, validate_send
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
@@ -36,14 +40,41 @@ def error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Guard `/api/*` with a constant-time Bearer token check; unset token refuses everyone."""
+    """Guard `/api/*` with a constant-time token check (`Authorization: Bearer` or `X-API-Key`);
+    an unset token refuses everyone."""
     if request.path.startswith("/api/"):
         expected = request.app[keys.SECRETS].api_token
         if expected is None:
             return error(401, "the API is disabled: set ALFRED_API_TOKEN to enable it")
-        if not token_ok(bearer(request.headers.get("Authorization")), expected):
-            return error(401, "missing or wrong bearer token")
+        if not token_ok(api_token_of(request.headers), expected):
+            return error(401, "missing or wrong API token (Authorization: Bearer or X-API-Key)")
     return await handler(request)
+
+
+class BadRequest(web.HTTPBadRequest):
+    """A 400 with the API's JSON error shape, raised from helpers deep in a handler."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(text=msgspec.json.encode({"error": message}).decode(), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body decoded as JSON; anything else is a 400 naming why (raised as `BadRequest`).
+
+    Not JSON, not UTF-8, empty, nested deeper than the decoder goes (msgspec raises
+    RecursionError, which was a 500), or a transfer the HTTP layer could not frame (broken
+    chunked encoding). Bodies above the app's `client_max_size` are aiohttp's 413.
+    """
+    try:
+        raw = await request.read()
+    except HttpProcessingError as exc:
+        raise BadRequest(f"body could not be read ({type(exc).__name__})") from None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise BadRequest("body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -84,9 +115,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def status_json(request: web.Request) -> web.Response:
-    """The status page's numbers (also what `python main.py status` prints)."""
-    data = await collect(request.app)
-    return json_response(data, 200 if data["status"] == "ok" else 503)
+    """The status page's numbers (also what `python main.py status` prints): counts and states for
+    anyone, names, texts and errors only with the API token (a wrong token gets the open view)."""
+    data = await collect(request.app, detailed=authorized(request))
+    response = json_response(data, 200 if data["status"] == "ok" else 503)
+    response.headers["Cache-Control"] = "no-store"  # the detailed view must not sit in any cache
+    response.headers["Vary"] = "Authorization, X-API-Key"
+    return response
 
 
 def _limit(request: web.Request, default: int = 50) -> int | web.Response:
@@ -108,6 +143,32 @@ async def inbound(request: web.Request) -> web.Response:
     return json_response(await request.app[keys.STORE].recent_inbound(limit))
 
 
+_FIELD = re.compile(r"[A-Za-z0-9_]{1,100}")
+
+
+def _events_filters(request: web.Request) -> tuple[str | None, str | None] | web.Response:
+    """`field` (a webhook field name, known or not) and `tenant` (a configured one), each optional."""
+    field, tenant = request.query.get("field"), request.query.get("tenant")
+    if field is not None and not _FIELD.fullmatch(field):
+        return error(400, "field: must be a webhook field name (1-100 letters, digits or _)")
+    tenants = request.app[keys.CONFIG].tenants
+    if tenant is not None and tenant not in tenants:
+        return error(400, f"tenant: unknown tenant {tenant[:100]!r} (have: {', '.join(tenants)})")
+    return field, tenant
+
+
+async def events(request: web.Request) -> web.Response:
+    """Other webhook fields (templates, account, preferences, unknown ones…), newest first."""
+    limit = _limit(request)
+    if isinstance(limit, web.Response):
+        return limit
+    filters = _events_filters(request)
+    if isinstance(filters, web.Response):
+        return filters
+    field, tenant = filters
+    return json_response(await request.app[keys.STORE].events(limit, field=field, tenant=tenant))
+
+
 def _send_target(cfg: Config, body: Any) -> tuple[str, str | None] | web.Response:
     """The tenant (default: the first) and idempotency key of an API send, or a 422."""
     obj = body if isinstance(body, dict) else {}
@@ -127,10 +188,7 @@ def _invalid(field: str, problem: str) -> web.Response:
 async def send_message(request: web.Request) -> web.Response:
     """Queue a business-initiated send: 202 {"id", "status"}; 422 naming the field; same key, same id."""
     app = request.app
-    try:
-        body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError:
-        return error(400, "body is not valid JSON")
+    body = await read_json(request)
     target = _send_target(app[keys.CONFIG], body)
     if isinstance(target, web.Response):
         return target
@@ -143,31 +201,38 @@ async def send_message(request: web.Request) -> web.Response:
         id=new_outbox_id(),
         idem_key=f"api:{tenant}:{key}" if key else f"api:{uuid.uuid4().hex}",
         tenant=tenant,
-        recipient=payload["to"].lstrip("+"),
+        recipient=addressee(payload),  # `to` (phone digits, BSUID or group id), else the BSUID in `recipient`
         type=payload["type"],
         payload=msgspec.json.encode(payload),
         priority=1,  # business-initiated: conversations with users go first
     )
+    # Templates always pass. A group's window is opened by any member's message (groups/pricing),
+    # which Alfred does not record per group: Meta decides (131047) instead of a guess here.
+    needs_window = payload["type"] != "template" and not is_group(payload)
+    field = "to" if isinstance(payload.get("to"), str) else "recipient"
     try:
-        return await _queue(app, row, payload["type"] != "template")
+        return await _queue(app, row, needs_window, field)
     except StoreError:
         return error(503, "temporarily unable to queue the message")
 
 
-async def _queue(app: web.Application, row: OutboxRow, needs_window: bool) -> web.Response:
-    """Queue `row`; a retry with the same idempotency key gets the first message back, even late."""
+async def _queue(app: web.Application, row: OutboxRow, needs_window: bool, field: str = "to") -> web.Response:
+    """Queue `row`; a retry with the same idempotency key gets the first message back, even late.
+
+    Opt-out and the 24-hour window are judged by the id the send addresses (`row.recipient`, a
+    phone number or a BSUID); `field` names the body field that carried it."""
     store = app[keys.STORE]
     existing = await store.message_by_key(row.idem_key)
     if existing is not None:
         return json_response({"id": existing["id"], "status": existing["state"]}, 202)
     if await store.opted_out(row.tenant, row.recipient):
         return json_response(
-            {"error": "to: the recipient opted out (they must write to us again first)", "field": "to"}, 409
+            {"error": f"{field}: the recipient opted out (they must write to us again first)", "field": field}, 409
         )
     if needs_window:
         last = await store.last_inbound(row.tenant, row.recipient)
         if last is None or time.time() - last > WINDOW_SECONDS:
-            return _invalid("to", "outside the 24-hour customer service window: only a template can be sent")
+            return _invalid(field, "outside the 24-hour customer service window: only a template can be sent")
     [outbox_id] = await store.enqueue([row])
     existing = None if outbox_id == row.id else await store.message(outbox_id)
     app[keys.SENDER].wake()
@@ -227,10 +292,7 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 async def retry_dead_letters(request: web.Request) -> web.Response:
     """Operator action: queue failed sends again. Body `{"ids": [...]}` or `{"all": true}`."""
-    try:
-        body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError:
-        return error(400, "body is not valid JSON")
+    body = await read_json(request)
     ids: list[str] | None
     if isinstance(body, dict) and body.get("all") is True:
         ids = None
@@ -267,7 +329,10 @@ async def _media_form(request: web.Request) -> tuple[str, str, bytes, str, str] 
     if not request.content_type.startswith("multipart/"):
         return error(400, "send multipart/form-data with a `file` field")
     cfg = request.app[keys.CONFIG]
-    parts = await _parts(request, cfg.media.max_upload_bytes)
+    try:
+        parts = await _parts(request, cfg.media.max_upload_bytes)
+    except MALFORMED_MULTIPART as exc:
+        return error(400, f"not a readable multipart/form-data body ({type(exc).__name__})")
     if isinstance(parts, web.Response):
         return parts
     fields, upload = parts
@@ -289,14 +354,47 @@ async def _parts(
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             return error(400, "nested multipart bodies are not supported")
-        if part.name == "file":
+        name, filename = _disposition(part)
+        if name == "file":
             data = await _read_capped(part, cap)
             if data is None:
                 return error(413, f"file larger than media.max_upload_bytes ({cap} bytes)")
-            upload = (data, part.headers.get("Content-Type", "application/octet-stream"), part.filename or "file")
-        elif part.name in ("tenant", "kind"):
-            fields[part.name] = (await part.text())[:100]
+            upload = (data, part.headers.get("Content-Type", "application/octet-stream"), safe_filename(filename))
+        elif name in ("tenant", "kind"):
+            # raw bytes, capped: `part.text()` would read any size and inflate a gzip'd part
+            value = await _read_capped(part, 1024)
+            if value is None:
+                return error(400, f"{name}: longer than 1024 bytes")
+            fields[name] = value.decode("utf-8", "replace")[:100]
     return fields, upload
+
+
+#: What aiohttp's multipart reader raises on a body that is not one (no or bad boundary, a body cut
+#: short, a bad charset or transfer encoding in a part, undecodable text, a broken HTTP transfer).
+MALFORMED_MULTIPART = (
+    ValueError,
+    LookupError,
+    HttpProcessingError,
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+)
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\\"]")
+
+
+def _disposition(part: BodyPartReader) -> tuple[str | None, str | None]:
+    """The part's name and file name. aiohttp only *warns* about a broken Content-Disposition
+    (e.g. `filename*` that is not UTF-8) and then drops it: make that a clear 400 instead."""
+    with warnings.catch_warnings():  # no await inside: no other task runs under this filter
+        warnings.simplefilter("error", BadContentDispositionHeader)
+        warnings.simplefilter("error", BadContentDispositionParam)
+        return part.name, part.filename
+
+
+def safe_filename(name: str | None) -> str:
+    """The upload's file name as Graph gets it: no path, quotes or control characters (a CRLF
+    would end the part header of the upload Alfred builds), at most 200 characters."""
+    cleaned = _UNSAFE_NAME.sub("_", (name or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]).strip(" .")
+    return cleaned[:200] or "file"
 
 
 async def _read_capped(part: BodyPartReader, cap: int) -> bytes | None:

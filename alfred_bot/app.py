@@ -12,12 +12,12 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from alfred_bot import api, keys, privacy, statuspage, webhook
+from alfred_bot import api, hosts, keys, logs, privacy, statuspage, webhook
 from alfred_bot.config import Config, Secrets
 from alfred_bot.context import Services
 from alfred_bot.dispatch import Dispatcher
@@ -27,7 +27,7 @@ from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
 from alfred_bot.retention import Retention
 from alfred_bot.router import Router, routers_for
-from alfred_bot.security import BodyBudget
+from alfred_bot.security import BodyBudget, Redactor, identity_encoding
 from alfred_bot.sender import Sender
 from alfred_bot.store import SqliteStore, Store, StoreError
 
@@ -43,26 +43,81 @@ def create_app(
     transport: Transport | None = None,
 ) -> web.Application:
     """Build the aiohttp app; store, routers and transport can be injected (tests, other engines)."""
-    app = web.Application(client_max_size=cfg.webhook.max_body_bytes, middlewares=[api.api_auth])
+    host_check = hosts.make_host_check(cfg.server.public_hosts, cfg.server.host)  # first: DNS rebinding
+    app = web.Application(
+        client_max_size=cfg.webhook.max_body_bytes,
+        middlewares=[host_check, api.api_auth, _plain_bodies],
+        # bodies are taken as sent: aiohttp would inflate gzip before any byte cap could count it
+        handler_args={"auto_decompress": False},
+    )
     app[keys.CONFIG] = cfg
     app[keys.SECRETS] = secrets
     app[keys.STORE] = store or SqliteStore(Path(cfg.storage.path))
     app[keys.ROUTERS] = routers if routers is not None else routers_for(cfg)
     app[keys.TENANTS] = cfg.tenant_by_phone_number_id()
+    app[keys.WABAS] = cfg.tenant_by_waba_id()
     app[keys.STATS] = Counter()
     app[keys.STARTED_AT] = time.time()
-    app[keys.BODY_BUDGET] = BodyBudget(cfg.webhook.max_inflight_bytes)
-    app[keys.TRANSPORT] = transport or _transport(cfg, secrets)
+    hook = cfg.webhook
+    app[keys.BODY_BUDGET] = BodyBudget(
+        hook.max_inflight_bytes, per_peer=hook.max_inflight_per_peer, largest=hook.max_body_bytes
+    )
+    redactor = Redactor(secrets.values())
+    app[keys.TRANSPORT] = transport or _transport(cfg, secrets, redactor)
     app[keys.METRICS] = Metrics()
     app[keys.METERS] = Meters(list(cfg.tenants))
     app[keys.DRAINING] = asyncio.Event()
     _add_workers(app, cfg, secrets)
     _add_routes(app)
     statuspage.setup(app)
+    app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_drain)
+    logs.quiet_bad_requests()
+    app.cleanup_ctx.append(_redaction_ctx(redactor))
     for ctx in (_store_ctx, _sender_ctx, _dispatcher_ctx, _retention_ctx):
         app.cleanup_ctx.append(ctx)
     return app
+
+
+#: On every answer (404s, 401s, errors, static files, /metrics): nothing of ours is meant to be
+#: framed or content-sniffed, no URL of ours should leak to another site as a referrer, and the
+#: server's software and versions are nobody's business (aiohttp would name both).
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Server": "alfred",
+}
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():  # a route's own stricter value stays (the page's CSP is beside)
+        if name == "Server" or name not in response.headers:
+            response.headers[name] = value
+
+
+@web.middleware
+async def _plain_bodies(request: web.Request, handler: api.Handler) -> web.StreamResponse:
+    """415 for a compressed request body anywhere but `/webhook` (which refuses it itself, counted).
+
+    Nobody needs to send Alfred compressed bodies, and inflating one defeats every byte cap.
+    """
+    if request.path != "/webhook" and not identity_encoding(request.headers.get("Content-Encoding")):
+        response = api.error(415, "Content-Encoding is not supported (send the body as is)")
+        response.force_close()  # the body stays unread
+        return response
+    return await handler(request)
+
+
+def _redaction_ctx(redactor: Redactor) -> Callable[[web.Application], AsyncIterator[None]]:
+    """While the app runs, every log record is redacted of every configured secret."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        uninstall = logs.install_redactor(redactor)
+        yield
+        uninstall()
+
+    return ctx
 
 
 def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
@@ -95,6 +150,7 @@ def _add_routes(app: web.Application) -> None:
     add_get("/status.json", api.status_json)
     add_get("/metrics", api.metrics)
     add_get("/api/inbound", api.inbound)
+    add_get("/api/events", api.events)
     add_post("/api/messages", api.send_message)
     add_get("/api/messages/{id}", api.get_message)
     add_get("/api/tenants", api.tenants)
@@ -111,13 +167,19 @@ async def _drain(app: web.Application) -> None:
     log.info("draining: webhooks now answer 503 until the process exits")
 
 
-def _transport(cfg: Config, secrets: Secrets) -> Transport:
+def _transport(cfg: Config, secrets: Secrets, redactor: Redactor) -> Transport:
     """Production sends to the Graph API; sandbox (no access token) to a local sink."""
     if secrets.mode == "sandbox":
         return SandboxTransport()
     workers = cfg.outbound.worker_count(len(cfg.tenants))
     tokens = {t.phone_number_id: secrets.token_for(name) for name, t in cfg.tenants.items()}
-    return GraphTransport(cfg.graph, {k: v for k, v in tokens.items() if v}, connections=workers)
+    return GraphTransport(
+        cfg.graph,
+        {k: v for k, v in tokens.items() if v},
+        connections=workers,
+        redactor=redactor,
+        download_hosts=cfg.media.download_hosts,
+    )
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@ key so an operator can fix the file without reading a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from alfred_bot.media import DEFAULT_DOWNLOAD_HOSTS
+
 #: Fallback sandbox secret for callers that pass none (tests). `python main.py` instead uses a
 #: random per-install secret kept in the data folder (`sandbox_secret`), which `simulate` reads.
 SANDBOX_APP_SECRET = "alfred-sandbox-app-secret"  # noqa: S105 (public by design, tests only)
@@ -27,6 +30,9 @@ SANDBOX_SECRET_FILE = "sandbox-app-secret"  # noqa: S105 (a file name)
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,100}")
+_HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
+_HOSTNAME = re.compile(r"[A-Za-z0-9.-]{1,253}")
 
 
 class ConfigError(Exception):
@@ -42,6 +48,9 @@ class ServerConfig(_Section, frozen=True):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Host names (or addresses) this server answers to; any other `Host` header gets 421, which
+    #: defeats DNS rebinding. Empty: no check. Loopback names and `host` itself are always accepted.
+    public_hosts: list[str] = msgspec.field(default_factory=list)
 
 
 class StorageConfig(_Section, frozen=True):
@@ -87,6 +96,8 @@ class WebhookConfig(_Section, frozen=True):
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_seconds: float = 10.0
     max_inflight_bytes: int = 32 * 1024 * 1024
+    max_inflight_per_peer: int = 8 * 1024 * 1024  # one remote address may hold this much of the above
+    client_ip_header: str = ""  # behind a proxy that sets it (e.g. Fly-Client-IP): the peer for the cap above
 
 
 class DispatchConfig(_Section, frozen=True):
@@ -97,6 +108,15 @@ class DispatchConfig(_Section, frozen=True):
     handler_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 5.0
     fallback_text: str = "Sorry, something went wrong on our side. Please try again in a moment."
+    #: Workers one tenant may hold at once; 0: workers - (tenants - 1), at least 1, so every other
+    #: tenant always finds a free worker however slow this tenant's handlers (or orchestrator) are.
+    max_workers_per_tenant: int = 0
+
+    def tenant_cap(self, tenants: int) -> int:
+        """How many workers one tenant may occupy (see `max_workers_per_tenant`)."""
+        if self.max_workers_per_tenant:
+            return min(self.max_workers_per_tenant, self.workers)
+        return max(1, self.workers - (tenants - 1))
 
 
 class HandlersConfig(_Section, frozen=True):
@@ -110,6 +130,8 @@ class LoggingConfig(_Section, frozen=True):
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
+    # third-party loggers (aiosqlite logs query parameters at DEBUG): never more verbose than this
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class OrchestratorConfig(_Section, frozen=True):
@@ -120,6 +142,8 @@ class OrchestratorConfig(_Section, frozen=True):
     retries: int = 1
     api_key_env: str = "ORCHESTRATOR_API_KEY"
     fallback_text: str = "Lo siento, no pude procesar tu mensaje."
+    max_answer_bytes: int = 65536  # a larger answer is a failure (the fallback is sent)
+    max_parts: int = 4  # WhatsApp messages one answer may become; the rest is cut with "…"
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -140,6 +164,8 @@ class MediaConfig(_Section, frozen=True):
     retention_days: float = 30.0
     max_download_bytes: int = 100 * 1024 * 1024
     max_upload_bytes: int = 16 * 1024 * 1024  # POST /api/media holds the file in memory: keep it modest
+    # hosts the access token may be sent to for a download (plus graph.base_url's host); `*.` = subdomains
+    download_hosts: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DOWNLOAD_HOSTS))
 
 
 class RetentionConfig(_Section, frozen=True):
@@ -161,6 +187,7 @@ class TenantConfig(_Section, frozen=True):
     handler: str | None = None
     access_token_env: str | None = None
     app_secret_env: str | None = None
+    waba_id: str | None = None  # the WhatsApp Business Account: account-level webhooks name only this
 
 
 class Config(_Section, frozen=True):
@@ -191,6 +218,19 @@ class Config(_Section, frozen=True):
     def tenant_by_phone_number_id(self) -> dict[str, str]:
         """Map Meta's phone_number_id to our tenant name, for routing inbound updates."""
         return {t.phone_number_id: name for name, t in self.tenants.items()}
+
+    def tenant_by_waba_id(self) -> dict[str, str]:
+        """Map a WhatsApp Business Account id to the ONE tenant that names it.
+
+        Account-level webhooks (account, template and quality updates) carry the WABA id in
+        `entry.id` and no phone number id; they belong to a tenant only when no other tenant
+        shares that account (several numbers of one WABA keep them account-wide).
+        """
+        owners: dict[str, list[str]] = {}
+        for name, t in self.tenants.items():
+            if t.waba_id is not None:
+                owners.setdefault(t.waba_id, []).append(name)
+        return {waba: names[0] for waba, names in owners.items() if len(names) == 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,10 +407,26 @@ def _check(cfg: Config) -> None:
             cfg.webhook.max_inflight_bytes >= cfg.webhook.max_body_bytes,
             "webhook.max_inflight_bytes: must be at least webhook.max_body_bytes",
         ),
+        (
+            cfg.webhook.max_inflight_per_peer >= cfg.webhook.max_body_bytes,
+            "webhook.max_inflight_per_peer: must be at least webhook.max_body_bytes",
+        ),
+        (
+            not cfg.webhook.client_ip_header or _HEADER_NAME.fullmatch(cfg.webhook.client_ip_header) is not None,
+            "webhook.client_ip_header: must be a header name like Fly-Client-IP",
+        ),
         (cfg.dispatch.workers >= 1, "dispatch.workers: must be at least 1"),
         (cfg.dispatch.queue_size >= 1, "dispatch.queue_size: must be at least 1"),
         (cfg.dispatch.handler_timeout_seconds > 0, "dispatch.handler_timeout_seconds: must be > 0"),
         (cfg.dispatch.shutdown_grace_seconds >= 0, "dispatch.shutdown_grace_seconds: must be >= 0"),
+        (
+            0 <= cfg.dispatch.max_workers_per_tenant <= cfg.dispatch.workers,
+            "dispatch.max_workers_per_tenant: must be between 0 (automatic) and dispatch.workers",
+        ),
+        (
+            all(_host_ok(h) for h in cfg.server.public_hosts),
+            "server.public_hosts: give host names or IP addresses only (no scheme, port or path)",
+        ),
         (bool(cfg.tenants), "tenants: at least one [tenants.NAME] section with a phone_number_id is required"),
     ]
     for ok, message in checks:
@@ -378,6 +434,17 @@ def _check(cfg: Config) -> None:
             raise ConfigError(message)
     _check_tenants(cfg)
     _check_sections(cfg)
+
+
+def _host_ok(host: str) -> bool:
+    """A host name or an IP address (IPv6 with or without brackets), with no scheme, port or path."""
+    if ":" not in host:
+        return _HOSTNAME.fullmatch(host) is not None
+    try:
+        ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _check_tenants(cfg: Config) -> None:
@@ -390,6 +457,8 @@ def _check_tenants(cfg: Config) -> None:
         if tenant.phone_number_id in seen:
             raise ConfigError(f"tenants.{name}.phone_number_id: already used by tenants.{seen[tenant.phone_number_id]}")
         seen[tenant.phone_number_id] = name
+        if tenant.waba_id is not None and not _DIGITS.match(tenant.waba_id):
+            raise ConfigError(f"tenants.{name}.waba_id: must be Meta's numeric WhatsApp Business Account id")
         for key in ("access_token_env", "app_secret_env"):
             value = getattr(tenant, key)
             if value is not None and not _ENV_NAME.fullmatch(value):
@@ -411,12 +480,18 @@ def _check_sections(cfg: Config) -> None:
             "orchestrator.timeout_seconds: (retries + 1) x timeout must stay below dispatch.handler_timeout_seconds",
         ),
         (_ENV_NAME.fullmatch(orch.api_key_env) is not None, "orchestrator.api_key_env: must be a variable name"),
+        (1024 <= orch.max_answer_bytes <= 16 * 1024 * 1024, "orchestrator.max_answer_bytes: must be 1024 to 16777216"),
+        (1 <= orch.max_parts <= 100, "orchestrator.max_parts: must be between 1 and 100"),
         (limits.inbound_per_user >= 0, "limits.inbound_per_user: must be >= 0 (0 = no limit)"),
         (limits.inbound_window_seconds > 0, "limits.inbound_window_seconds: must be > 0"),
         (all(k.strip() for k in limits.opt_out_keywords), "limits.opt_out_keywords: must not contain empty words"),
         (cfg.media.retention_days > 0, "media.retention_days: must be > 0"),
         (cfg.media.max_download_bytes >= 1024, "media.max_download_bytes: must be at least 1024"),
         (cfg.media.max_upload_bytes >= 1024, "media.max_upload_bytes: must be at least 1024"),
+        (
+            all(_HOST_PATTERN.fullmatch(h) for h in cfg.media.download_hosts),
+            "media.download_hosts: each entry must be a host name like lookaside.fbsbx.com or *.fbsbx.com",
+        ),
         (cfg.retention.hot_days >= 1, "retention.hot_days: must be at least 1"),
         (
             cfg.retention.delete_days >= max(8.0, cfg.retention.hot_days),

@@ -29,6 +29,7 @@ ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 ROUTERS = web.AppKey("routers", dict[str, Router])
 #: phone_number_id -> tenant name, for routing inbound updates.
 TENANTS = web.AppKey("tenants", dict[str, str])
+WABAS = web.AppKey("wabas", dict[str, str])  # WhatsApp Business Account id -> its one tenant
 #: Webhook outcome counters (`webhook_200`, `unrouted`, `skipped`, …) until /metrics exists.
 STATS = web.AppKey("stats", Counter[str])
 STARTED_AT = web.AppKey("started_at", float)

@@ -12,9 +12,64 @@ from collections import Counter, deque
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 
+from alfred_bot.models import KNOWN_TYPES
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 RECENT = 512  # send latencies kept per tenant for the status page's p50/p95
+
+#: Label values that come from signed bodies are bounded (issue 13 item 9): a known set, else
+#: "other". Every series costs memory for the process's life, and a body signed by a tenant's own
+#: app must not be able to grow /metrics without end.
+OTHER = "other"
+MESSAGE_TYPES = KNOWN_TYPES | {"unknown"}
+#: Webhook fields of a WhatsApp Business Account (Meta: Webhooks > Overview, field list), plus
+#: "errors" (our name for `value.errors` without a message).
+EVENT_FIELDS = frozenset(
+    {
+        "account_alerts",
+        "account_review_update",
+        "account_settings_update",
+        "account_update",
+        "automatic_events",
+        "business_capability_update",
+        "business_status_update",
+        "calls",
+        "errors",
+        "flows",
+        "group_lifecycle_update",
+        "group_participants_update",
+        "group_settings_update",
+        "group_status_update",
+        "history",
+        "message_echoes",
+        "message_template_components_update",
+        "message_template_quality_update",
+        "message_template_status_update",
+        "messages",
+        "partner_solutions",
+        "payment_configuration_update",
+        "phone_number_name_update",
+        "phone_number_quality_update",
+        "security",
+        "smb_app_state_sync",
+        "smb_message_echoes",
+        "template_category_update",
+        "template_correct_category_detection",
+        "tracking_events",
+        "user_preferences",
+    }
+)
+#: Graph error codes are many and Meta adds more: the first ones seen keep their own series.
+MAX_ERROR_CODES = 64
+
+
+def message_type_label(kind: str) -> str:
+    return kind if kind in MESSAGE_TYPES else OTHER
+
+
+def event_field_label(field: str) -> str:
+    return field if field in EVENT_FIELDS else OTHER
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -39,6 +94,12 @@ class Metrics:
             "alfred_inbound_messages", "New inbound messages by tenant and type", ["tenant", "type"], registry=r
         )
         self.events = PromCounter("alfred_events", "Other webhook fields received", ["tenant", "field"], registry=r)
+        self.parse_errors = PromCounter(
+            "alfred_inbound_parse_errors",
+            "Messages received that did not decode as their type (stored and routed as unknown)",
+            ["tenant", "type"],
+            registry=r,
+        )
         self.outbound_sends = PromCounter(
             "alfred_outbound_sends", "Graph API send attempts by decision", ["tenant", "result"], registry=r
         )
@@ -70,6 +131,14 @@ class Metrics:
         )
         self._latencies: dict[str, deque[float]] = {}
         self.errors_by_code: dict[str, Counter[str]] = {}
+        self._codes: set[str] = set()
+
+    def code_label(self, code: int) -> str:
+        """The code as a label, or "other" once `MAX_ERROR_CODES` distinct codes have been seen."""
+        label = str(code)
+        if label not in self._codes and len(self._codes) < MAX_ERROR_CODES:
+            self._codes.add(label)
+        return label if label in self._codes else OTHER
 
     # ------------------------------------------------------------------ recording
 
@@ -79,8 +148,9 @@ class Metrics:
         self.send_latency.labels(tenant).observe(seconds)
         self._latencies.setdefault(tenant, deque(maxlen=RECENT)).append(seconds)
         if code is not None:
-            self.graph_errors.labels(tenant, str(code)).inc()
-            self.errors_by_code.setdefault(tenant, Counter())[str(code)] += 1
+            label = self.code_label(code)
+            self.graph_errors.labels(tenant, label).inc()
+            self.errors_by_code.setdefault(tenant, Counter())[label] += 1
 
     def latency_ms(self, tenant: str) -> dict[str, float] | None:
         """p50/p95 of the tenant's recent Graph calls, in milliseconds."""

@@ -161,6 +161,12 @@ def test_non_numeric_phone_number_id(pnid: str) -> None:
     assert "numeric" in message
 
 
+@pytest.mark.parametrize("waba", ["abc", "", "+1020", "1" * 21])
+def test_non_numeric_waba_id(waba: str) -> None:
+    message = config_error({"tenants": {"home": {"phone_number_id": payloads.PNID, "waba_id": waba}}})
+    assert message == "tenants.home.waba_id: must be Meta's numeric WhatsApp Business Account id"
+
+
 def test_duplicate_phone_number_id_names_both_tenants() -> None:
     message = config_error(
         {"tenants": {"home": {"phone_number_id": payloads.PNID}, "shop": {"phone_number_id": payloads.PNID}}}
