@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
@@ -359,25 +359,45 @@ def _check_production(secrets: Secrets, cfg: Config | None) -> None:
             raise ConfigError(f"tenants.{name}: no app secret: set {tenant.app_secret_env} (production mode)")
 
 
-def _key_path(message: str, prefix: str) -> str:
-    """Turn msgspec's `- at `$.server.port`` into `server.port` for an operator-facing line."""
-    text, _, where = message.partition(" - at ")
-    path = where.strip("`").removeprefix("$").lstrip(".")
-    unknown = re.match(r"Object contains unknown field `(.+)`", text)
-    missing = re.match(r"Object missing required field `(.+)`", text)
-    parts = [p for p in (prefix, path) if p]
-    if unknown:
-        return f"{'.'.join([*parts, unknown.group(1)])}: unknown key"
-    if missing:
-        return f"{'.'.join([*parts, missing.group(1)])}: required key is missing"
-    return f"{'.'.join(parts) or '(top level)'}: {text[0].lower()}{text[1:]}"
+def _join(path: str, key: object) -> str:
+    """`server` + `port` -> `server.port`, the way an operator writes the key."""
+    return f"{path}.{key}" if path else str(key)
 
 
-def _convert(data: Any, kind: type[Any], prefix: str) -> Any:
+def _convert(value: Any, kind: Any, path: str) -> Any:
+    """Convert `value` to `kind` with msgspec, or raise `ConfigError` naming the key at fault.
+
+    msgspec's `ValidationError` has its location only inside the message ("- at `$.a.b`"; no
+    structured path as of 0.22, see github.com/msgspec/msgspec issues 264 and 1158), and parsing
+    that text broke on keys or values containing " - at ". So tables and lists are walked here,
+    naming each key as we go, and msgspec converts only the leaves, whose errors are about the
+    value itself ("Expected `int`, got `str`").
+    """
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct) and isinstance(value, dict):
+        return _convert_table(value, kind, path)
+    if get_origin(kind) is list and isinstance(value, list):
+        (item,) = get_args(kind)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     try:
-        return msgspec.convert(data, kind)
+        return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_key_path(str(exc), prefix)) from None
+        text = str(exc)
+        raise ConfigError(f"{path or '(top level)'}: {text[:1].lower()}{text[1:]}") from None
+
+
+def _convert_table(table: dict[Any, Any], kind: type[msgspec.Struct], path: str) -> Any:
+    """One section: keys in file order (the first bad one is reported), then the missing ones."""
+    specs = {spec.encode_name: spec for spec in msgspec.structs.fields(kind)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        spec = specs.get(key)
+        if spec is None:
+            raise ConfigError(f"{_join(path, key)}: unknown key")
+        values[spec.name] = _convert(value, spec.type, _join(path, key))
+    for spec in specs.values():
+        if spec.required and spec.name not in values:
+            raise ConfigError(f"{_join(path, spec.encode_name)}: required key is missing")
+    return kind(**values)
 
 
 def _check(cfg: Config) -> None:

@@ -3,10 +3,15 @@ the small in-memory views the status page needs (recent send latencies, errors b
 
 Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
 Gauges that mirror the store (outbox by state) are refreshed when `/metrics` is scraped.
+
+A scrape is rendered in a worker thread (`scrape`): with many tenants and error codes the text
+takes tens of milliseconds to build, which on the event loop would hold up every webhook.
+prometheus_client's metrics lock their values, so rendering beside the loop's updates is safe.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, deque
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -161,4 +166,9 @@ class Metrics:
         return {"p50": round(p50 * 1000, 1), "p95": round(p95 * 1000, 1)}
 
     def render(self) -> bytes:
+        """The exposition text, built on the calling thread."""
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """The exposition text, built off the event loop (50 tenants' series take about 0.1 s)."""
+        return await asyncio.to_thread(generate_latest, self.registry)

@@ -296,6 +296,36 @@ def test_errors_from_a_file_name_the_key(tmp_path: Path) -> None:
         load_config(write(tmp_path, f"[server]\nprt = 8080\n{TENANT_TOML}"))
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        # msgspec puts the location inside its message ("... - at `$.logging.level`"); a key or a
+        # value that contains that separator must not be mistaken for it.
+        ('[logging]\nlevel = "x - at y"\n', "logging.level: invalid enum value 'x - at y'"),
+        ('[logging]\nformat = "a - at `$.b`"\n', "logging.format: invalid enum value 'a - at `$.b`'"),
+        ('[server]\n"prt - at `$.x`" = 1\n', "server.prt - at `$.x`: unknown key"),
+        ('"srever - at x" = 1\n', "srever - at x: unknown key"),
+    ],
+)
+def test_a_key_or_value_like_a_location_still_names_its_key(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, toml + TENANT_TOML))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"server": {"public_hosts": ["ok.example", 5]}}, "server.public_hosts[1]: expected `str`, got `int`"),
+        ({"limits": {"opt_out_keywords": "STOP"}}, "limits.opt_out_keywords: expected `array`, got `str`"),
+        ({"server": {"prt": 1, "port": "x"}}, "server.prt: unknown key"),  # the first bad key in file order
+        ({"server": {"port": "x", "prt": 1}}, "server.port: expected `int`, got `str`"),
+    ],
+)
+def test_list_items_and_key_order_in_errors(sections: dict[str, Any], message: str) -> None:
+    assert config_error(doc(**sections)) == message
+
+
 def test_parse_config_does_not_mutate_its_input() -> None:
     data = doc()
     before = copy.deepcopy(data)
