@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import socket
-import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,7 +141,7 @@ def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int |
     except ConfigError as exc:
         print(f"alfred: config error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, StoreError, sqlite3.Error) as exc:
+    except (OSError, StoreError) as exc:
         print(f"alfred: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,8 +1,10 @@
 """The operator's commands besides `serve`: simulate, send, status, dead-letters, check-config.
 
 They talk to the running server over loopback HTTP (the API needs `ALFRED_API_TOKEN`), except
-where a local read of the database answers as well (listing dead letters, and retrying them
-while the server is stopped). Every expected failure is one line on stderr and a non-zero exit.
+where a local read of the database answers as well (listing dead letters, the replies a simulated
+message got, and retrying dead letters while the server is stopped). Local reads go through the
+store's interfaces in read-only mode (no lock, no writer), so they work on any engine and beside a
+running server. Every expected failure is one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -10,24 +12,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from alfred_bot.config import Config, Secrets
+from alfred_bot.loader import routers_for
 from alfred_bot.privacy import mask
-from alfred_bot.router import routers_for
 from alfred_bot.security import sign
 from alfred_bot.simulate import KINDS, simulated_body
-from alfred_bot.store import SqliteStore, StoreError
+from alfred_bot.store import Queries, Store, StoreError, make_store
 
 Tool = Callable[[argparse.Namespace, Config, Secrets], int]
+T = TypeVar("T")
 
 # Loopback only: never route the operator's commands through a proxy from the environment.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -161,7 +162,7 @@ def simulate(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
     if answer[0] != 200:
         return 1
     if args.kind != "status":
-        _show_replies(_wait_for_replies(Path(cfg.storage.path), wamid, args.wait), args.wait)
+        _show_replies(_wait_for_replies(cfg, tenant, wamid, args.wait), args.wait)
     return 0
 
 
@@ -170,49 +171,45 @@ def _show_replies(replies: list[dict[str, Any]], wait: float) -> None:
         if reply["type"] == "read":
             print(f"<- read receipt + typing indicator {reply['state']}")
         else:
-            print(f"<- reply {reply['state']} for {reply['recipient']} ({reply['type']}): {_reply_text(reply)}")
+            print(f"<- reply {reply['state']} for {reply['to']} ({reply['type']}): {_reply_text(reply)}")
     if not replies:
         print(f"<- no reply queued within {wait:g} s (see the server log)")
 
 
-def _wait_for_replies(db: Path, event_id: str, wait: float) -> list[dict[str, Any]]:
+def _wait_for_replies(cfg: Config, tenant: str, event_id: str, wait: float) -> list[dict[str, Any]]:
     """Poll until the handler's replies are queued and none is still waiting to be sent."""
     deadline = time.monotonic() + wait
     while True:
-        replies = _read_replies(db, event_id)
+        replies = _read_replies(cfg, tenant, event_id)
         settled = replies and all(r["state"] not in ("queued", "sending") for r in replies)
         if settled or time.monotonic() >= deadline:
             return replies
         time.sleep(0.05)
 
 
-def _read_only(db: Path) -> sqlite3.Connection | None:
-    try:
-        conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    conn.row_factory = sqlite3.Row
-    return conn
+def _read(cfg: Config, query: Callable[[Queries], Awaitable[T]]) -> T:
+    """Run one query on a read-only store beside the server (StoreError if it cannot be read)."""
+
+    async def run() -> T:
+        store = make_store(cfg.storage.path, read_only=True)
+        try:
+            await store.open()
+            return await query(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
-def _read_replies(db: Path, event_id: str) -> list[dict[str, Any]]:
-    conn = _read_only(db)
-    if conn is None:
-        return []
+def _read_replies(cfg: Config, tenant: str, event_id: str) -> list[dict[str, Any]]:
     try:
-        rows = conn.execute(
-            "SELECT recipient, type, payload, state FROM outbox WHERE source_event_id = ? ORDER BY idem_key",
-            (event_id,),
-        ).fetchall()
-        return [dict(row) for row in rows]
-    except sqlite3.Error:
-        return []
-    finally:
-        conn.close()
+        return _read(cfg, lambda store: store.replies_to(tenant, event_id))
+    except StoreError:
+        return []  # not written yet (or not readable): the caller polls until its deadline
 
 
 def _reply_text(reply: dict[str, Any]) -> str:
-    payload = json.loads(reply["payload"])
+    payload = reply["payload"] or {}
     text = payload.get("text", {}).get("body")
     return str(text) if text is not None else json.dumps(payload.get(reply["type"]), ensure_ascii=False)
 
@@ -311,23 +308,14 @@ def dead_letters(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int
 
 
 def _list_dead(cfg: Config, tenant: str | None, limit: int) -> int:
-    conn = _read_only(Path(cfg.storage.path))
-    if conn is None:
-        return _fail(f"cannot open {cfg.storage.path}")
     try:
-        rows = conn.execute(
-            "SELECT id, tenant, recipient, type, attempts, error_code, error_message, created_at FROM outbox "
-            "WHERE state = 'failed' AND (?1 IS NULL OR tenant = ?1) ORDER BY created_at DESC LIMIT ?2",
-            (tenant, max(1, limit)),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        return _fail(f"cannot read {cfg.storage.path}: {exc}")
-    finally:
-        conn.close()
+        rows = _read(cfg, lambda store: store.dead_letters(max(1, limit), tenant))
+    except StoreError as exc:
+        return _fail(f"cannot list dead letters: {exc}")
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["created_at"]))
         print(
-            f"{row['id']}  {when}Z  {row['tenant']}  {mask(row['recipient'])}  {row['type']}  "
+            f"{row['id']}  {when}Z  {row['tenant']}  {mask(row['to'])}  {row['type']}  "
             f"attempts {row['attempts']}  code {row['error_code']}: {row['error_message'] or ''}"
         )
     print(f"{len(rows)} dead letter(s)")
@@ -335,12 +323,13 @@ def _list_dead(cfg: Config, tenant: str | None, limit: int) -> int:
 
 
 def _retry_locally(cfg: Config, ids: list[str] | None) -> int:
-    """The server is down: take the database lock ourselves and queue the rows again."""
+    """The server is down: open the store for writing ourselves (on SQLite this takes the
+    database lock, so a server starting meanwhile waits for us) and queue the rows again."""
 
     async def run() -> int:
-        store = SqliteStore(Path(cfg.storage.path))
-        await store.open()
+        store: Store = make_store(cfg.storage.path)
         try:
+            await store.open()
             return await store.retry_dead(ids, time.time())
         finally:
             await store.close()

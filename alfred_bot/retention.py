@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alfred_bot import media
 from alfred_bot.config import RetentionConfig
-from alfred_bot.store import Store
+from alfred_bot.store import Maintenance
 
 log = logging.getLogger("alfred.retention")
 
@@ -31,7 +31,7 @@ class Retention:
 
     def __init__(
         self,
-        store: Store,
+        store: Maintenance,
         cfg: RetentionConfig,
         key: bytes,
         media_dir: Path,

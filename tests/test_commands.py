@@ -336,6 +336,26 @@ def test_dead_letters_retry_without_a_server_retries_locally(tmp_path: Path) -> 
     assert _unlocked(tmp_path / "alfred.db.lock")
 
 
+def test_dead_letters_list_without_a_database_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    path = write_config(tmp_path, free_port())
+    result = run_main("--config", str(path), "dead-letters", "list", env=clean_env(**SECRETS))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert_one_clean_line(result.stderr, "cannot list dead letters", "alfred.db")
+    assert not (tmp_path / "alfred.db").exists()
+
+
+def test_dead_letters_list_beside_a_running_server_takes_no_lock(server: Server) -> None:
+    """The list reads through a read-only store: the server keeps its lock and keeps writing."""
+    insert_failed(server.db, "dead00000005")
+    listed = _main(server, "dead-letters", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "dead00000005" in listed.stdout
+    assert not _unlocked(server.db.parent / "alfred.db.lock")  # still the server's
+    sent = _main(server, "send", "--to", "+15550001236", "--template", "hello")
+    assert sent.returncode == 0, sent.stderr
+
+
 def _unlocked(lock: Path) -> bool:
     """The local retry released the database lock (a server could start now)."""
     with lock.open("ab") as handle:

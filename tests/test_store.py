@@ -1,4 +1,5 @@
-"""The SQLite store on its own: durability settings, group commit, isolation, completion."""
+"""The SQLite engine on its own: durability settings, group commit, isolation, migrations, the file
+lock and the read-only mode. What every engine must do is in tests/contract/."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from alfred_bot.parse import InboundItem, parse_body
-from alfred_bot.store import Completion, OutboxRow, SqliteStore, StoreError
+from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
 from tests import payloads
 from tests.conftest import db_rows
 
@@ -62,34 +62,6 @@ async def test_failing_write_is_isolated_in_its_group(store: SqliteStore) -> Non
     assert await store.writer.read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]) == 0
 
 
-async def test_complete_is_once_and_atomic(store: SqliteStore) -> None:
-    assert len(await store.ingest(_body(payloads.text("hi", id="wamid.C")))) == 1
-    reply = OutboxRow(
-        id="o1",
-        idem_key="reply:wamid.C:000",
-        tenant="home",
-        recipient=payloads.USER,
-        type="text",
-        payload=b"{}",
-        source_event_id="wamid.C",
-    )
-    assert await store.complete(Completion("wamid.C", "handled", (reply,))) is True
-    twin = msgspec.structs.replace(reply, id="o2")  # a second run of the same handler
-    assert await store.complete(Completion("wamid.C", "handled", (twin,))) is False
-    ids = await store.writer.read(lambda c: [r[0] for r in c.execute("SELECT id FROM outbox")])
-    assert ids == ["o1"]
-    assert await store.pending(0, 10) == []
-
-
-async def test_pending_rebuilds_items(store: SqliteStore) -> None:
-    await store.ingest(_body(payloads.text("x", id="wamid.P1"), payloads.SAMPLES["image"]))
-    pending = await store.pending(0, 10)
-    assert [p.item.message.type for p in pending] == ["text", "image"]
-    assert pending[0].item.contact is not None and pending[0].item.contact.name == "Ana"
-    assert pending[0].item.tenant == "home"
-    assert await store.pending(pending[0].seq, 10) == pending[1:]
-
-
 async def test_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     path = tmp_path / "alfred.db"
     conn = sqlite3.connect(path)
@@ -99,13 +71,6 @@ async def test_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer"):
         await store.open()
     await store.close()
-
-
-async def test_writes_after_close_are_refused(store: SqliteStore) -> None:
-    await store.close()
-    with pytest.raises(StoreError):
-        await store.ingest(_body(payloads.text("late")))
-    assert await store.healthy() is False
 
 
 async def test_undecodable_pending_row_is_skipped_not_blocking(store: SqliteStore) -> None:
@@ -344,7 +309,7 @@ async def test_a_failed_migration_leaves_the_v2_database_as_it_was(tmp_path: Pat
     _v2_database(path, extra="CREATE VIEW outbox_v3 AS SELECT 1;")
     store = SqliteStore(path)
     try:
-        with pytest.raises(sqlite3.Error):
+        with pytest.raises(StoreError, match="cannot open"):  # callers never see the driver's exceptions
             await store.open()
     finally:
         await store.close()
@@ -356,8 +321,8 @@ async def test_a_failed_migration_leaves_the_v2_database_as_it_was(tmp_path: Pat
     assert db_rows(path, "SELECT name FROM sqlite_master WHERE name = 'inbox_v3'") == []
 
 
-async def test_events_contract(store: SqliteStore) -> None:
-    """`Store.events` as contracts.md gives it: newest first, filters, decoded value, undecodable → None."""
+async def test_an_event_whose_body_no_longer_decodes_has_value_none(store: SqliteStore) -> None:
+    """The engine-neutral part of `events` is in tests/contract; this one needs a row no ingest makes."""
 
     def insert(conn: sqlite3.Connection) -> None:
         rows = [
@@ -385,35 +350,6 @@ async def test_events_contract(store: SqliteStore) -> None:
     assert len(await store.events(1)) == 1
 
 
-def _preference_event(items: Any, time: int | None = 50) -> Any:
-    value = {"metadata": {"phone_number_id": payloads.PNID}, "user_preferences": items}
-    entry: dict[str, Any] = {"id": "WABA1", "changes": [payloads.change(value, "user_preferences")]}
-    if time is not None:
-        entry["time"] = time
-    return parse_body(payloads.dump(payloads.envelope(entry)), TENANTS)
-
-
-async def test_preferences_read_leniently_and_never_lose_the_event(store: SqliteStore) -> None:
-    """Meta sends `timestamp` as an integer (Webhooks > user_preferences); a numeric string, a
-    missing one (the entry's time, else ours), a username-only user and unusable items are handled."""
-    await store.ingest(_preference_event([{"wa_id": "1", "value": "stop", "timestamp": "100"}]))
-    await store.ingest(_preference_event([{"wa_id": "1", "value": "resume", "timestamp": "99"}], time=51))
-    assert await store.marketing_stopped("home", "1") is True  # "100" read as 100: the older resume loses
-    await store.ingest(_preference_event([{"user_id": "US.9", "value": "stop"}]))  # no timestamp: entry time 50
-    await store.ingest(_preference_event([{"user_id": "US.9", "value": "resume", "timestamp": 49}], time=52))
-    assert await store.marketing_stopped("home", "US.9") is True
-    await store.ingest(_preference_event([{"wa_id": "2", "value": "stop"}], time=None))  # our clock
-    assert await store.marketing_stopped("home", "2") is True
-    # unusable: no user, no value, not a list: nothing recorded, the events are all kept
-    await store.ingest(_preference_event([{"value": "stop"}, {"wa_id": "3"}], time=53))
-    await store.ingest(_preference_event("not a list", time=54))
-    assert await store.marketing_stopped("home", "3") is False
-    assert len(await store.events(100, field="user_preferences")) == 7
-    # another category is kept apart from marketing messages
-    await store.ingest(_preference_event([{"wa_id": "4", "value": "stop", "category": "other"}], time=55))
-    assert await store.marketing_stopped("home", "4") is False
-
-
 async def test_a_row_with_unreadable_errors_or_raw_is_still_shown(store: SqliteStore) -> None:
     def insert(conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -425,3 +361,37 @@ async def test_a_row_with_unreadable_errors_or_raw_is_still_shown(store: SqliteS
     await store.writer.submit(insert)
     [item] = await store.recent_inbound(10)
     assert (item["id"], item["errors"], item["edited_id"]) == ("wamid.ODD", [], None)
+
+
+# ---------------------------------------------------------------------------- read-only mode
+
+
+async def test_read_only_refuses_a_missing_file_and_creates_nothing(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "none" / "alfred.db", read_only=True)
+    try:
+        with pytest.raises(StoreError, match="cannot open"):
+            await store.open()
+    finally:
+        await store.close()
+    assert not (tmp_path / "none").exists()
+
+
+async def test_read_only_refuses_a_schema_it_cannot_read_and_takes_no_lock(tmp_path: Path) -> None:
+    path = tmp_path / "alfred.db"
+    _v2_database(path)
+    old = SqliteStore(path, read_only=True)
+    try:
+        with pytest.raises(StoreError, match="schema v2"):
+            await old.open()
+    finally:
+        await old.close()
+    assert db_rows(path, "PRAGMA user_version")[0][0] == 2  # not migrated by a reader
+    writer = SqliteStore(path)
+    await writer.open()  # the lock was never taken
+    reader = SqliteStore(path, read_only=True)
+    try:
+        await reader.open()  # beside a running writer
+        assert (await reader.message_by_key("api:home:k1") or {}).get("id") == "o-queued"
+    finally:
+        await reader.close()
+        await writer.close()

@@ -1,7 +1,9 @@
-"""The storage interface the rest of Alfred uses, and the records that cross it.
+"""The storage interfaces the rest of Alfred uses, and the records that cross them.
 
-Everything outside `alfred_bot.store` talks to a `Store`, never to SQLite: the embedded SQLite
-store is the default, and a distributed engine can implement the same few methods later.
+Everything outside `alfred_bot.store` talks to a role (`Inbox`, `Outbox`, `Queries`,
+`Maintenance`), never to SQLite: each caller asks for the narrowest role it uses, so a new engine
+sees at a glance what each part of Alfred relies on. `Store` is all four, for the wiring and for
+engines. The embedded SQLite store is the default.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class Completion(msgspec.Struct, frozen=True):
 
     `consent` records the user's wish in the same transaction: "out" after an opt-out word,
     "in" for a message the user writes or taps (which lifts an earlier opt-out; see
-    `abuse.ends_opt_out`), None for anything else (a reaction, a system notice, …).
+    `consent.ends_opt_out`), None for anything else (a reaction, a system notice, …).
 
     The row is identified by `phone_number_id` and `event_id` (the wamid): a wamid is unique per
     business number only. Without `phone_number_id` only a wamid no other number used matches.
@@ -115,44 +117,44 @@ class PendingMessage(msgspec.Struct, frozen=True):
     item: InboundItem
 
 
-class Store(Protocol):
-    """Durable inbox and outbox. Every write is committed before the call returns."""
-
-    async def open(self) -> None:
-        """Create or migrate the schema and start the writer."""
-
-    async def close(self) -> None:
-        """Finish queued writes, then release the database."""
+class Inbox(Protocol):
+    """What the webhook and the dispatcher need: accept messages, hand out pending ones, finish them."""
 
     async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
-        """Store everything in `body`; return the routed messages and statuses not seen before."""
+        """Store everything in `body`; return the routed messages and statuses not seen before.
 
-    async def complete(self, done: Completion) -> bool:
-        """Mark a pending message handled/failed and queue its replies; False if it was not pending."""
+        Dedupe: a message per (phone number id, wamid), a status per key, an event per key, a
+        rejected item per key. A status moves its tenant's outbox row forward, never back."""
 
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
         """Accepted, unhandled messages after `after_seq`, oldest first."""
 
-    async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
-        """The newest received messages, newest first, as JSON-ready objects."""
+    async def complete(self, done: Completion) -> bool:
+        """Mark a pending message handled/failed, queue its replies and record consent in ONE
+        transaction; False (and nothing written) if it was not pending."""
 
-    def stats(self) -> dict[str, int]:
-        """Counters for /healthz (e.g. writes and the commits they shared)."""
+
+class Outbox(Protocol):
+    """What the senders and the API need to queue, lease and settle sends."""
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
-        """Queue sends; a row whose idem_key exists already yields the existing id (no second send)."""
+        """Queue sends; a row whose idem_key the tenant used already yields the existing id (no second send)."""
 
     async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
-        """Lease up to `quotas[tenant]` due sends per tenant, each the oldest pending one of its user.
+        """Lease up to `quotas[tenant]` due sends per tenant, each the oldest pending one of its user,
+        conversation rows (priority 0) before campaign rows. A lease runs out at `now + lease`.
 
         Rows in `held` (already in this process's hands) are never claimed again.
         """
 
     async def settle(self, result: Settlement, now: float) -> None:
-        """Record how a claimed send ended."""
+        """Record how a claimed send ended; ignored unless the row is still leased by that claim."""
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
         """When the next send of these tenants becomes due (None: nothing waits)."""
+
+    async def retry_dead(self, ids: list[str] | None, now: float) -> int:
+        """Queue failed sends again (all of them when `ids` is None); return how many."""
 
     async def message(self, outbox_id: str) -> dict[str, Any] | None:
         """One outbox row as the API shows it, or None."""
@@ -160,8 +162,23 @@ class Store(Protocol):
     async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
         """The outbox row queued with this idempotency key, or None."""
 
+
+class Queries(Protocol):
+    """Read models for the API, the status page, the handlers' history and the CLI (no writes)."""
+
+    async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
+        """The newest received messages, newest first, as JSON-ready objects."""
+
     async def last_inbound(self, tenant: str, user: str) -> int | None:
-        """Unix time of the user's last message to this tenant (for the 24-hour window)."""
+        """Unix time of the user's last message to this tenant (for the 24-hour window); system
+        messages do not count; `user` may be the phone number or the user id of the same person."""
+
+    async def opted_out(self, tenant: str, user: str) -> bool:
+        """True while the user (by either of their ids) has opted out of business-initiated messages."""
+
+    async def marketing_stopped(self, tenant: str, user: str) -> bool:
+        """True while the user's latest `user_preferences` update (by Meta's timestamp) for this
+        tenant says they stopped marketing messages (for campaigns)."""
 
     async def outbox_counts(self) -> dict[str, int]:
         """Outbox rows by state."""
@@ -175,19 +192,19 @@ class Store(Protocol):
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         """Inbound messages whose handler failed, newest first."""
 
-    async def opted_out(self, tenant: str, user: str) -> bool:
-        """True while the user has opted out of business-initiated messages from this tenant."""
-
-    async def marketing_stopped(self, tenant: str, user: str) -> bool:
-        """True while the user's latest `user_preferences` update (by Meta's timestamp) for this
-        tenant says they stopped marketing messages (for campaigns)."""
-
     async def events(self, limit: int, field: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
         """Other webhook fields (templates, account, preferences, unknown ones…), newest first: `field`,
         `tenant`, `phone_number_id`, `waba_id`, `time` (entry time), `received_at`, `value` (decoded JSON)."""
 
+    async def rejected(self, limit: int) -> list[dict[str, Any]]:
+        """Parts of webhooks that could not be read, newest first: `what`, `reason`, `received_at`."""
+
     async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
         """The user's last `limit` messages with this tenant, both directions, oldest first."""
+
+    async def replies_to(self, tenant: str, event_id: str) -> list[dict[str, Any]]:
+        """The sends queued in answer to one inbound message (receipt and replies), in the order the
+        handler queued them: `id`, `to`, `type`, `state`, `payload` (decoded JSON, None once scrubbed)."""
 
     async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
         """Sends that failed for good, newest first."""
@@ -195,14 +212,32 @@ class Store(Protocol):
     async def audit(self, limit: int, tenant: str | None = None, outbox_id: str | None = None) -> list[dict[str, Any]]:
         """Graph API calls, newest first."""
 
+
+class Maintenance(Protocol):
+    """Lifecycle, health and retention: what wiring, /healthz and the retention job need."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start the writer (read-only: only connect)."""
+
+    async def close(self) -> None:
+        """Finish queued writes, then release the database."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /healthz (e.g. writes and the commits they shared)."""
+
+    async def healthy(self) -> bool:
+        """True while the database answers and the writer runs."""
+
     async def scrub(self, key: bytes, cutoff: float) -> int:
-        """Remove texts and raw bodies and pseudonymise numbers in one batch of rows older than `cutoff`."""
+        """Remove texts and raw bodies and pseudonymise numbers in one batch of finished rows older
+        than `cutoff` (never a pending message or a queued send; opt-outs stay); rows changed."""
 
     async def purge(self, cutoff: float) -> int:
         """Delete one batch of finished rows older than `cutoff`; 0 when nothing is left."""
 
-    async def retry_dead(self, ids: list[str] | None, now: float) -> int:
-        """Queue failed sends again (all of them when `ids` is None); return how many."""
 
-    async def healthy(self) -> bool:
-        """True while the database answers and the writer runs."""
+class Store(Inbox, Outbox, Queries, Maintenance, Protocol):
+    """Every role at once: what the wiring holds and what an engine implements.
+
+    Every write is committed before the call returns. An engine proves itself by passing the
+    contract suite in `tests/contract/` (add it to the `ENGINES` there)."""

@@ -204,6 +204,14 @@ def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) ->
     return sum(conn.execute(f"{reset} AND id = ?", (now, outbox_id)).rowcount for outbox_id in ids)
 
 
+def payload_json(payload: bytes) -> Any:
+    """A send's payload as JSON (None once retention scrubbed it, or if it is not JSON)."""
+    try:
+        return json.loads(payload) if payload else None
+    except ValueError:
+        return None
+
+
 def payload_text(payload: bytes, kind: str) -> str | None:
     """The human-readable text of a send (text body, caption, interactive body), for history views."""
     try:

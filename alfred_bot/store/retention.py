@@ -73,7 +73,7 @@ def scrub_batch(conn: sqlite3.Connection, key: bytes, cutoff: float) -> int:
         (cutoff,),
     ).rowcount
     # Opt-outs are never aged out: time passing is not the user writing again (they end only as
-    # `abuse.ends_opt_out` says), and forgetting one would let campaigns reach someone who said STOP.
+    # `consent.ends_opt_out` says), and forgetting one would let campaigns reach someone who said STOP.
     return changed
 
 

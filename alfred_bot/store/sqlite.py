@@ -6,6 +6,7 @@ reads go through an aiosqlite connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import sqlite3
@@ -19,7 +20,7 @@ from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
 from alfred_bot.store import events as event_log
 from alfred_bot.store import inbox, outbox, retention
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
-from alfred_bot.store.schema import migrate
+from alfred_bot.store.schema import SCHEMA_VERSION, migrate
 from alfred_bot.store.writer import GroupWriter
 
 log = logging.getLogger("alfred.store")
@@ -138,11 +139,31 @@ def _conversation_item(row: sqlite3.Row) -> dict[str, Any]:
     return item
 
 
-class SqliteStore:
-    """The default `Store`: one SQLite file, safe against kill -9 and power loss."""
+def _schema_version(uri: str) -> int:
+    """Probe a file read-only with the stdlib driver first: a file that cannot be opened fails
+    here, cleanly, instead of inside aiosqlite's thread (whose failed connect can outlive the loop)."""
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
 
-    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+
+def _check_version(path: Path, version: int) -> None:
+    """A read-only store cannot migrate: an older or newer file is refused with what to do."""
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema v{version}, this Alfred reads v{SCHEMA_VERSION}: start the server once")
+
+
+class SqliteStore:
+    """The default `Store`: one SQLite file, safe against kill -9 and power loss.
+
+    `read_only=True` is for the operator's commands beside a running server: it takes no lock,
+    starts no writer and migrates nothing; it only reads, and refuses every write."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._clock = clock
         self._writer = GroupWriter(lambda: connect_writer(path))
         self._reader: aiosqlite.Connection | None = None
@@ -153,11 +174,28 @@ class SqliteStore:
         return self._writer
 
     async def open(self) -> None:
-        self._lock = _lock_database(self.path)
-        await self._writer.start()
-        self._reader = await aiosqlite.connect(self.path)
+        """Every failure is a `StoreError` naming the file: callers need not know the driver."""
+        try:
+            if self.read_only:
+                target = f"{self.path.as_uri()}?mode=ro"
+                _check_version(self.path, await asyncio.to_thread(_schema_version, target))
+                await self._open_reader(target)
+                return
+            self._lock = _lock_database(self.path)
+            await self._writer.start()
+            await self._open_reader(str(self.path))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    async def _open_reader(self, target: str) -> None:
+        self._reader = await aiosqlite.connect(target, uri=target.startswith("file:"))
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute("PRAGMA query_only=1")
+
+    async def _write(self, op: Any) -> Any:
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only")
+        return await self._writer.submit(op)
 
     async def close(self) -> None:
         await self._writer.close()
@@ -171,11 +209,11 @@ class SqliteStore:
     async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
         if not len(body):
             return []
-        result: list[InboundItem | StatusItem] = await self._writer.submit(_ingest_op(body, self._clock()))
+        result: list[InboundItem | StatusItem] = await self._write(_ingest_op(body, self._clock()))
         return result
 
     async def complete(self, done: Completion) -> bool:
-        result: bool = await self._writer.submit(_complete_op(done, self._clock()))
+        result: bool = await self._write(_complete_op(done, self._clock()))
         return result
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
@@ -202,15 +240,15 @@ class SqliteStore:
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now = self._clock()
-        result: list[str] = await self._writer.submit(lambda conn: outbox.enqueue(conn, rows, now))
+        result: list[str] = await self._write(lambda conn: outbox.enqueue(conn, rows, now))
         return result
 
     async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
-        result: list[OutboxJob] = await self._writer.submit(lambda conn: outbox.claim(conn, now, quotas, lease, held))
+        result: list[OutboxJob] = await self._write(lambda conn: outbox.claim(conn, now, quotas, lease, held))
         return result
 
     async def settle(self, result: Settlement, now: float) -> None:
-        await self._writer.submit(lambda conn: outbox.settle(conn, result, now))
+        await self._write(lambda conn: outbox.settle(conn, result, now))
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
         """On the reader connection: the writer thread is the bottleneck, and WAL lets this run beside it."""
@@ -287,6 +325,18 @@ class SqliteStore:
         rows = await self._fetch(*event_log.query(limit, field, tenant))
         return [event_log.as_json(row) for row in rows]
 
+    async def rejected(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch("SELECT what, reason, received_at FROM rejected ORDER BY rowid DESC LIMIT ?", (limit,))
+        return [dict(row) for row in rows]
+
+    async def replies_to(self, tenant: str, event_id: str) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            'SELECT id, recipient AS "to", type, state, payload FROM outbox WHERE tenant = ? AND source_event_id = ? '
+            "ORDER BY idem_key, rowid",
+            (tenant, event_id),
+        )
+        return [{**dict(row), "payload": outbox.payload_json(row["payload"])} for row in rows]
+
     async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
         # both clocks are ours (received_at, created_at); within one instant, insertion order
@@ -312,22 +362,22 @@ class SqliteStore:
         return [dict(row) for row in rows]
 
     async def scrub(self, key: bytes, cutoff: float) -> int:
-        result: int = await self._writer.submit(lambda conn: retention.scrub_batch(conn, key, cutoff))
+        result: int = await self._write(lambda conn: retention.scrub_batch(conn, key, cutoff))
         return result
 
     async def purge(self, cutoff: float) -> int:
-        result: int = await self._writer.submit(lambda conn: retention.delete_batch(conn, cutoff))
+        result: int = await self._write(lambda conn: retention.delete_batch(conn, cutoff))
         return result
 
     async def retry_dead(self, ids: list[str] | None, now: float) -> int:
-        result: int = await self._writer.submit(lambda conn: outbox.retry_failed(conn, ids, now))
+        result: int = await self._write(lambda conn: outbox.retry_failed(conn, ids, now))
         return result
 
     def stats(self) -> dict[str, int]:
         return {"writes": self._writer.writes, "commits": self._writer.groups}
 
     async def healthy(self) -> bool:
-        if not self._writer.running:
+        if not self.read_only and not self._writer.running:
             return False
         try:
             await self._fetch("SELECT 1", ())
