@@ -22,8 +22,8 @@ import msgspec
 from yarl import URL
 
 from alfred_bot.config import GraphConfig
-from alfred_bot.decide import Decision, Outcome, decide, transport_failure
 from alfred_bot.media import DEFAULT_DOWNLOAD_HOSTS, MediaError, MediaFile, MediaInfo, limit_for, target_path
+from alfred_bot.outbound.decide import Decision, Outcome, decide, transport_failure
 from alfred_bot.security import Redactor, host_allowed
 
 log = logging.getLogger("alfred.graph")

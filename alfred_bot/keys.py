@@ -13,10 +13,10 @@ from alfred_bot.graph import Transport
 from alfred_bot.meters import Meters
 from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
+from alfred_bot.outbound.sender import Sender
 from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget
-from alfred_bot.sender import Sender
 from alfred_bot.store import Store
 
 CONFIG = web.AppKey("config", Config)

@@ -32,8 +32,7 @@ from common import ALFRED_PYTHON, ALFRED_ROOT, alfred_version, free_port, loadav
 
 sys.path.insert(0, str(ALFRED_ROOT))  # the store code of the tree being measured fills its outbox
 
-from alfred_bot.context import new_outbox_id  # noqa: E402
-from alfred_bot.store import OutboxRow, SqliteStore  # noqa: E402
+from alfred_bot.store import OutboxRow, SqliteStore, new_outbox_id  # noqa: E402
 
 PNID = "123456789012345"
 

@@ -24,7 +24,7 @@ LOOP_BUCKETS = [
     ("parse (msgspec, items)", ("alfred_bot/parse.py",)),
     ("webhook → store.ingest (submit, await)", ("alfred_bot/webhook.py",)),
     ("dispatch (handler, ctx, complete)", ("alfred_bot/dispatch.py", "handlers/")),
-    ("sender (pump, workers, limiter)", ("alfred_bot/sender.py", "alfred_bot/ratelimit.py")),
+    ("sender (pump, workers, limiter)", ("alfred_bot/outbound/",)),
     ("graph client (aiohttp ClientSession)", ("alfred_bot/graph.py", "aiohttp/client", "aiohttp/connector")),
     ("writer task (group hand-off)", ("alfred_bot/store/writer.py",)),
     ("aiohttp server (HTTP parse, response)", ("aiohttp/web_protocol", "aiohttp/http_", "aiohttp/web_")),

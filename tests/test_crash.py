@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from alfred_bot.context import new_outbox_id
-from alfred_bot.store import OutboxRow, SqliteStore
+from alfred_bot.store import OutboxRow, SqliteStore, new_outbox_id
 from tests.conftest import db_rows
 
 REPO = Path(__file__).resolve().parent.parent

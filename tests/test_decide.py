@@ -8,7 +8,7 @@ from email.utils import formatdate
 
 import pytest
 
-from alfred_bot.decide import Outcome, backoff, decide, retry_after, transport_failure
+from alfred_bot.outbound.decide import Outcome, backoff, decide, retry_after, transport_failure
 from alfred_bot.security import Redactor
 
 
@@ -83,6 +83,28 @@ def test_token_and_permission_errors_pause_the_tenant_whatever_the_status(code: 
 @pytest.mark.parametrize("code", [368, 131048, 131031, 131042])
 def test_account_blocks_pause_the_number(code: int) -> None:
     assert decide(*err(code, 403)).outcome is Outcome.PAUSE_NUMBER
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "scope"),
+    [
+        (*err(190, 401), "token"),
+        (*err(0, 401), "token"),
+        (401, b"<html>Unauthorized</html>", "token"),  # no code: the token is the likely cause
+        (*err(3, 403), "tenant"),
+        (*err(10, 403), "tenant"),
+        (*err(299, 403), "tenant"),
+        (*err(368, 403), "number"),
+        (*err(131048, 400), "number"),
+        (*err(130429, 429), None),
+        (*err(131056), None),
+        (*err(100), None),
+        (200, b'{"messages":[{"id":"wamid.X"}]}', None),
+    ],
+)
+def test_the_scope_of_a_pause_is_classified_here(status: int, body: bytes, scope: str | None) -> None:
+    """Who a pause holds (every tenant using the token, the tenant, the number) is decided with the outcome."""
+    assert decide(status, body).scope == scope
 
 
 def test_pair_limit() -> None:

@@ -93,7 +93,7 @@ async def test_f1_retry_after_is_honoured_and_throttles_slow_the_number(
     first, second = _sends(graph, "throttled")
     assert second - first >= 0.38
     assert _row(cfg, outbox_id)["attempts"] == 2
-    assert client.app[keys.SENDER]._lanes["home"].limiter.slowed is slows
+    assert client.app[keys.SENDER].slowed("home") is slows
 
 
 # ---------------------------------------------------------------- F3 transient

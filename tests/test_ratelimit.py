@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from alfred_bot.ratelimit import MAX_LAG, PairLimiter, SlidingWindowLimiter
+from alfred_bot.outbound.ratelimit import MAX_LAG, PAIR_MAX_BACKOFF, PairLimiter, SlidingWindowLimiter, pair_backoff
 
 
 class FakeClock:
@@ -124,6 +124,24 @@ def test_pair_limit_error_backs_off_4_to_the_x_for_that_recipient_only() -> None
     pairs.on_success("a")
     assert pairs.delay("a") == 0
     assert pairs.on_pair_limit("a") == 1.0
+
+
+def test_a_block_chosen_by_the_retry_policy_holds_the_recipient_and_counts_a_strike() -> None:
+    clock = FakeClock()
+    pairs = PairLimiter(clock=clock)
+    assert pairs.strikes("a") == 0
+    pairs.block("a", 7.5)
+    assert (pairs.strikes("a"), pairs.delay("a"), pairs.delay("b")) == (1, 7.5, 0)
+    pairs.block("a", 2.0)  # a shorter block replaces the longer one; strikes keep counting
+    assert (pairs.strikes("a"), pairs.delay("a")) == (2, 2.0)
+    assert pairs.on_pair_limit("a") == 16.0  # 4^2, from the same count
+    pairs.on_success("a")
+    assert pairs.strikes("a") == 0
+
+
+def test_pair_backoff_is_4_to_the_x_capped() -> None:
+    assert [pair_backoff(x) for x in range(6)] == [1.0, 4.0, 16.0, 64.0, 256.0, PAIR_MAX_BACKOFF]
+    assert pair_backoff(10_000, cap=30.0) == 30.0  # no overflow for absurd strike counts
 
 
 def test_pair_backoff_is_capped_and_state_pruned() -> None:

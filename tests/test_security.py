@@ -33,8 +33,8 @@ from alfred_bot.config import ConfigError, load_secrets
 from alfred_bot.graph import GraphTransport
 from alfred_bot.logs import BadRequestFilter, RateLimit, setup_logging
 from alfred_bot.media import MediaError
+from alfred_bot.outbound.pauses import Pause
 from alfred_bot.security import BodyBudget, Redactor
-from alfred_bot.sender import Pause
 from tests import payloads
 from tests.chaos_helpers import fd_limit, raw_exchange
 from tests.conftest import (

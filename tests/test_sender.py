@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,10 @@ import pytest
 from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
-from alfred_bot.context import new_outbox_id
-from alfred_bot.store import OutboxRow, Settlement, SqliteStore
+from alfred_bot.graph import GraphTransport
+from alfred_bot.outbound.pauses import LocalPauses
+from alfred_bot.outbound.sender import Sender
+from alfred_bot.store import OutboxRow, Settlement, SqliteStore, new_outbox_id
 from tests import payloads
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -181,7 +186,7 @@ async def test_throughput_error_slows_the_number_down(prod: Any, graph: FakeGrap
     await wait_for(lambda: _states(prod.app[keys.CONFIG].storage.path, "1") == ["sent", "sent"])
     sender = prod.app[keys.SENDER]
     assert sender.counts["error_130429"] == 1
-    assert sender._lanes["home"].limiter.slowed
+    assert sender.slowed("home")
 
 
 async def test_unknown_error_gives_up_after_a_few_attempts(prod: Any, graph: FakeGraph) -> None:
@@ -264,17 +269,163 @@ async def test_account_block_pauses_until_the_operator_resumes(prod: Any, graph:
     assert (await prod.post("/api/tenants/nope/resume", headers=AUTH)).status == 404
 
 
-async def test_pair_limit_delays_only_that_recipient(prod: Any, graph: FakeGraph) -> None:
-    other = "15559876543"
-    graph.script_for("+" + payloads.USER, graph_error(131056))
-    started = time.monotonic()
-    body = payloads.body_of(payloads.text("a1"), payloads.text("b1", sender=other), payloads.text("b2", sender=other))
-    assert await post_webhook(prod, body) == 200
-    await wait_for(lambda: {"You said: b1", "You said: b2"} <= set(graph.texts()))
-    assert time.monotonic() - started < 0.9  # the other user was not held behind the 1 s backoff
-    await wait_for(lambda: graph.texts().count("You said: a1") == 2, timeout=5)
-    a1 = [r.at for r in graph.sends if r.body.get("text") == {"body": "You said: a1"}]
-    assert a1[-1] - a1[0] >= 0.95  # 4^0 = 1 s after the 131056
+# ---------------------------------------------------------------- retry timing on injected clocks
+# The Sender below is the real one (real SQLite, real Graph client, fake Graph API on loopback) with a
+# fake wall clock, a fake monotonic clock and a seeded rng: a wait of an hour is checked to the
+# microsecond and then skipped by moving the clocks, never slept.
+
+
+class Clocks:
+    """Wall and monotonic clocks that move only when told; the wall starts ahead of real time so rows
+    the real store timestamps on enqueue are due at once."""
+
+    def __init__(self) -> None:
+        self.wall = time.time() + 5.0
+        self.mono = 1000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+SEED = 1414
+
+
+@contextlib.asynccontextmanager
+async def _sender(
+    tmp_path: Path, graph: FakeGraph, clocks: Clocks, pauses: LocalPauses | None = None, **outbound: Any
+) -> AsyncIterator[tuple[SqliteStore, Sender]]:
+    cfg = prod_config(tmp_path, graph, outbound=outbound)
+    store = SqliteStore(Path(cfg.storage.path))
+    await store.open()
+    transport = GraphTransport(cfg.graph, {payloads.PNID: ACCESS_TOKEN, payloads.BIZ_PNID: ACCESS_TOKEN}, connections=4)
+    await transport.start()
+    rng = random.Random(SEED)
+    sender = Sender(store, transport, cfg, clock=clocks.time, monotonic=clocks.monotonic, rng=rng, pauses=pauses)
+    await sender.start()
+    try:
+        yield store, sender
+    finally:
+        await sender.stop(1.0)
+        await transport.close()
+        await store.close()
+
+
+async def _enqueue(store: SqliteStore, name: str, to: str = payloads.USER) -> str:
+    body = {"messaging_product": "whatsapp", "to": "+" + to, "type": "template", "template": {"name": name}}
+    row = OutboxRow(new_outbox_id(), f"k-{name}", "home", to, "template", json.dumps(body).encode())
+    [outbox_id] = await store.enqueue([row])
+    return outbox_id
+
+
+async def _row(store: SqliteStore, outbox_id: str) -> tuple[str, int, float]:
+    """State, attempts and due time of a row, read from the database file."""
+    [(state, attempts, due_at)] = await asyncio.to_thread(
+        db_rows, store.path, "SELECT state, attempts, due_at FROM outbox WHERE id = ?", (outbox_id,)
+    )
+    return state, attempts, due_at
+
+
+async def test_a_retry_is_due_after_the_seeded_backoff_and_goes_out_when_the_clock_gets_there(
+    tmp_path: Path, graph: FakeGraph
+) -> None:
+    clocks = Clocks()
+    async with _sender(tmp_path, graph, clocks, backoff_base_seconds=600.0, backoff_cap_seconds=600.0) as (store, s):
+        graph.script_for(USER_TO, Answer(status=503, body=b""))
+        outbox_id = await _enqueue(store, "later")
+        await _answered(graph, store, outbox_id, "later", 1)
+        wait = random.Random(SEED).uniform(0.0, 600.0)  # full jitter of attempt 1, from the injected rng
+        state, attempts, due_at = await _row(store, outbox_id)
+        assert (state, attempts) == ("queued", 1)
+        assert due_at == pytest.approx(clocks.wall + wait, abs=1e-6)
+        clocks.advance(wait)
+        s.wake()
+        await wait_for(lambda: _is_state(store, outbox_id, "sent"))
+        assert len(graph.sends) == 2
+
+
+async def test_retry_after_of_an_hour_is_honoured_exactly(tmp_path: Path, graph: FakeGraph) -> None:
+    clocks = Clocks()
+    async with _sender(tmp_path, graph, clocks) as (store, s):
+        graph.script_for(USER_TO, Answer(status=429, body=b"", headers={"Retry-After": "3600"}))
+        outbox_id = await _enqueue(store, "throttled")
+        await _answered(graph, store, outbox_id, "throttled", 1)
+        assert (await _row(store, outbox_id))[2] == pytest.approx(clocks.wall + 3600, abs=1e-6)
+        assert s.slowed("home") and not s.slowed("biz")
+        clocks.advance(3599.0)
+        s.wake()
+        await asyncio.sleep(0.05)
+        assert len(graph.sends) == 1  # not a second early
+        clocks.advance(1.0)
+        s.wake()
+        await wait_for(lambda: _is_state(store, outbox_id, "sent"))
+
+
+async def test_transient_errors_give_up_once_the_message_is_too_old(tmp_path: Path, graph: FakeGraph) -> None:
+    clocks = Clocks()
+    async with _sender(tmp_path, graph, clocks, max_age_seconds=3600.0) as (store, s):
+        graph.script_for(USER_TO, *[graph_error(131016, 503)] * 2)
+        outbox_id = await _enqueue(store, "stale")
+        await _answered(graph, store, outbox_id, "stale", 1)
+        clocks.advance(3601.0)
+        s.wake()
+        await wait_for(lambda: _is_state(store, outbox_id, "failed"))
+        message = (await store.message(outbox_id) or {})["error_message"]
+        assert message.startswith("gave up too old") and len(graph.sends) == 2
+
+
+async def test_pair_limit_delays_only_that_recipient_4_to_the_x_seconds(tmp_path: Path, graph: FakeGraph) -> None:
+    """131056 holds one recipient for 1 s, then 4 s (Meta: pair rate limit; 4^X backoff), refunded each time."""
+    clocks = Clocks()
+    async with _sender(tmp_path, graph, clocks) as (store, s):
+        other = "15559876543"
+        graph.script_for(USER_TO, graph_error(131056), graph_error(131056))
+        held = await _enqueue(store, "a1")
+        started = clocks.wall
+        free = [await _enqueue(store, f"b{i}", to=other) for i in range(2)]
+        await _answered(graph, store, held, "a1", 1)
+        for i in free:  # not held behind a1's 1 s
+            await wait_for(lambda i=i: _is_state(store, i, "sent"))
+        assert clocks.wall == started
+        assert await _row(store, held) == ("queued", 0, pytest.approx(clocks.wall + 1.0, abs=1e-6))
+        clocks.advance(1.0)
+        s.wake()
+        await _answered(graph, store, held, "a1", 2)
+        assert await _row(store, held) == ("queued", 0, pytest.approx(clocks.wall + 4.0, abs=1e-6))
+        clocks.advance(4.0)
+        s.wake()
+        await wait_for(lambda: _is_state(store, held, "sent"))
+        assert s.counts["result_pair_limit"] == 2
+
+
+async def test_a_token_pause_is_held_on_the_injected_pause_board(tmp_path: Path, graph: FakeGraph) -> None:
+    board = LocalPauses()
+    graph.probe_status = 401
+    clocks = Clocks()
+    async with _sender(tmp_path, graph, clocks, pauses=board) as (store, s):
+        graph.script_for(USER_TO, graph_error(190, 401, "Access token has expired"))
+        outbox_id = await _enqueue(store, "paused")
+        await _answered(graph, store, outbox_id, "paused", 1)
+        assert set(board.current()) == {"home", "biz"}  # one token: both tenants wait
+        assert s.pauses is board.current()
+        assert (board.current()["home"].kind, board.current()["home"].since) == ("token", clocks.wall)
+        assert await _row(store, outbox_id) == ("queued", 0, clocks.wall)  # due at once, attempt refunded
+
+
+async def _answered(graph: FakeGraph, store: SqliteStore, outbox_id: str, name: str, times: int) -> None:
+    """Wait until the fake Graph API answered the row `times` times and the row is queued again."""
+    await wait_for(lambda: _names(graph).count(name) == times)
+    await wait_for(lambda: _is_state(store, outbox_id, "queued"))
+
+
+async def _is_state(store: SqliteStore, outbox_id: str, state: str) -> bool:
+    return (await store.message(outbox_id) or {}).get("state") == state
 
 
 async def test_timeouts_and_resets_are_retried(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:

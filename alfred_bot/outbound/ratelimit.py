@@ -29,6 +29,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 Clock = Callable[[], float]
 
@@ -36,6 +37,52 @@ Clock = Callable[[], float]
 DEFAULT_MARGIN = 0.01
 #: The most that observed decide-to-wire lag may stretch the window.
 MAX_LAG = 5.0
+#: The longest a recipient is blocked after repeated 131056 (pair rate limit) answers.
+PAIR_MAX_BACKOFF = 900.0
+
+
+class Pacer(Protocol):
+    """A number's rate, as a lane uses it: in-process here, shared by every node later (issue 16)."""
+
+    def reserve(self) -> float:
+        """Book the earliest allowed start; the seconds to wait for it."""
+
+    def observe_lag(self, lag: float) -> None:
+        """Report how long after its start a request reached the wire."""
+
+    def slow_down(self, factor: float, duration: float) -> None:
+        """Run at `factor × rate` for `duration` seconds."""
+
+    @property
+    def slowed(self) -> bool:
+        """True while a slow-down is in force."""
+
+
+class PairBudget(Protocol):
+    """Per-recipient pacing, as a lane uses it (see `PairLimiter`)."""
+
+    def delay(self, recipient: str) -> float:
+        """Seconds until `recipient` may get another message."""
+
+    def record(self, recipient: str) -> None:
+        """Spend one message to `recipient`."""
+
+    def strikes(self, recipient: str) -> int:
+        """Pair-limit errors in a row for `recipient` (the X of 4^X)."""
+
+    def block(self, recipient: str, seconds: float) -> None:
+        """Meta said 131056: hold `recipient` for `seconds` and count a strike."""
+
+    def on_success(self, recipient: str) -> None:
+        """A send went through: forget the strikes."""
+
+    def prune(self) -> None:
+        """Forget idle recipients (bounded memory)."""
+
+
+def pair_backoff(strikes: int, cap: float = PAIR_MAX_BACKOFF) -> float:
+    """How long a 131056 blocks a recipient: 4^X seconds after X earlier strikes, capped."""
+    return min(cap, 4.0 ** min(strikes, 32))
 
 
 class SlidingWindowLimiter:
@@ -140,7 +187,7 @@ class PairLimiter:
         *,
         burst: int = 45,
         interval: float = 6.0,
-        max_backoff: float = 900.0,
+        max_backoff: float = PAIR_MAX_BACKOFF,
         clock: Clock = time.monotonic,
     ) -> None:
         self.burst = burst
@@ -169,11 +216,18 @@ class PairLimiter:
         now = self._clock()
         self._tokens[recipient] = (self._refilled(recipient, now) - 1.0, now)
 
+    def strikes(self, recipient: str) -> int:
+        """Pair-limit errors in a row for `recipient` (reset by a successful send)."""
+        return self._blocked.get(recipient, (0.0, 0))[1]
+
+    def block(self, recipient: str, seconds: float) -> None:
+        """Hold `recipient` for `seconds` (the retry policy chose them) and count one more strike."""
+        self._blocked[recipient] = (self._clock() + seconds, self.strikes(recipient) + 1)
+
     def on_pair_limit(self, recipient: str) -> float:
         """Meta said 131056: block this recipient for 4^X s; returns the block length."""
-        _, strikes = self._blocked.get(recipient, (0.0, 0))
-        backoff = min(self.max_backoff, 4.0**strikes)
-        self._blocked[recipient] = (self._clock() + backoff, strikes + 1)
+        backoff = pair_backoff(self.strikes(recipient), self.max_backoff)
+        self.block(recipient, backoff)
         return backoff
 
     def on_success(self, recipient: str) -> None:

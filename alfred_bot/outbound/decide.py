@@ -12,6 +12,7 @@ import enum
 import random
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import msgspec
 from msgspec.structs import replace
@@ -41,6 +42,9 @@ NUMBER_PAUSE = frozenset({368, 131031, 131042, 131048})
 PAIR = 131056
 NEEDS_TEMPLATE = frozenset({131047, 470})
 
+#: What a pause holds: every tenant sending with the token, this tenant, or this number.
+Scope = Literal["token", "tenant", "number"]
+
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """The decision plus everything worth keeping about the answer."""
@@ -56,6 +60,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     slow_down: bool = False
     limited: bool = False  # an unknown error: retry only a few times
     needs_template: bool = False
+    scope: Scope | None = None  # for a pause: what it holds (classified here, nowhere else)
     raw: str | None = None  # the start of a body we could not understand
 
     def redacted(self, redact: Callable[[str], str]) -> Decision:
@@ -147,9 +152,10 @@ def _by_code(status: int, error: _Error, after: float | None) -> Decision:
     if code == PAIR:
         return replace(kept, outcome=Outcome.PAIR_LIMIT)
     if code in TENANT_PAUSE:
-        return replace(kept, outcome=Outcome.PAUSE_TENANT)
+        scope: Scope = "token" if code in TOKEN_CODES else "tenant"
+        return replace(kept, outcome=Outcome.PAUSE_TENANT, scope=scope)
     if code in NUMBER_PAUSE:
-        return replace(kept, outcome=Outcome.PAUSE_NUMBER)
+        return replace(kept, outcome=Outcome.PAUSE_NUMBER, scope="number")
     return replace(kept, outcome=Outcome.FAILED, needs_template=code in NEEDS_TEMPLATE)
 
 
@@ -162,7 +168,8 @@ def _by_status(status: int, body: bytes, after: float | None) -> Decision:
     if status >= 500 or status in (408, 425):
         return replace(kept, outcome=Outcome.RETRY)
     if status == 401:
-        return replace(kept, outcome=Outcome.PAUSE_TENANT, message="HTTP 401 without an error code")
+        # No code to tell a bad token from a missing permission: the token is the likely cause.
+        return replace(kept, outcome=Outcome.PAUSE_TENANT, scope="token", message="HTTP 401 without an error code")
     return replace(kept, outcome=Outcome.RETRY, limited=True)
 
 

@@ -1,0 +1,134 @@
+"""The outbox pump: the outbound side's only contact with the store.
+
+It claims due rows per lane (a lease in the store: a crash returns them by themselves), only the
+oldest pending row of each user (so one user's messages keep their order even across retries),
+never a row this process already holds, and only as many as each lane has room for. It sleeps
+until the next row is due, a wake-up (new rows, a settle) or room in a lane. It also records
+outcomes (`settle`), retrying a refused write rather than ever sending twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from alfred_bot.outbound.lanes import Lane
+from alfred_bot.outbound.pauses import PauseBoard
+from alfred_bot.store import Outbox, OutboxJob, Settlement, StoreError
+
+log = logging.getLogger("alfred.sender")
+
+IDLE_POLL = 1.0
+SETTLE_RETRY_CAP = 30.0
+
+
+class Pump:
+    """Claims due rows into lanes and records how they ended."""
+
+    def __init__(
+        self,
+        store: Outbox,
+        lanes: Mapping[str, Lane],
+        pauses: PauseBoard,
+        counts: Counter[str],
+        *,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
+        lease: float,
+    ) -> None:
+        self._store = store
+        self._lanes = lanes
+        self._pauses = pauses
+        self._counts = counts
+        self._clock = clock
+        self._monotonic = monotonic
+        self.lease = lease
+        self.busy: set[asyncio.Task[None]] = set()  # tasks a stop must let finish (see `tasks.stop_workers`)
+        self.stopping = False
+        self._held: set[str] = set()  # rows claimed by this process and not settled yet
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def wake(self) -> None:
+        """New rows were queued, or one was settled: claim now rather than at the next poll."""
+        self._wake.set()
+
+    def room(self) -> None:
+        """A worker took a job from its lane: a lane that was full may take more."""
+        self._room.set()
+
+    def release(self, job_id: str) -> None:
+        """The row is settled (or its lease will bring it back): it may be claimed again."""
+        self._held.discard(job_id)
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                await self._pump_once()
+            except Exception:  # the pump must outlive a store hiccup; leases keep rows safe
+                log.exception("outbox pump failed; retrying")
+                await asyncio.sleep(IDLE_POLL)
+
+    def _active(self) -> dict[str, Lane]:
+        """Lanes that may send now: not paused, not gated by an outage."""
+        now, paused = self._monotonic(), self._pauses.current()
+        return {name: lane for name, lane in self._lanes.items() if name not in paused and lane.gate_until <= now}
+
+    async def _pump_once(self) -> None:
+        active = self._active()
+        quotas = {name: lane.capacity - lane.queue.qsize() for name, lane in active.items()}
+        if active and not any(q > 0 for q in quotas.values()):
+            self._room.clear()
+            await self._room.wait()
+            return
+        self._wake.clear()
+        jobs = await self._claim(quotas)
+        for job in jobs:
+            self._held.add(job.id)
+            self._lanes[job.tenant].queue.put_nowait(job)
+        if self.stopping:
+            return  # stop() puts what was just claimed back
+        if any(sum(1 for j in jobs if j.tenant == name) == quota > 0 for name, quota in quotas.items()):
+            return  # a lane took all it could: more may be due, claim again once there is room
+        due = await self._store.next_due(frozenset(active))
+        timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - self._clock()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._wake.wait()
+
+    async def _claim(self, quotas: dict[str, int]) -> list[OutboxJob]:
+        """Claim as a busy task: a stop must not cancel a claim the writer has already committed,
+        or its rows would stay leased until the lease runs out."""
+        current = asyncio.current_task()
+        assert current is not None
+        self.busy.add(current)
+        try:
+            return await self._store.claim(self._clock(), quotas, self.lease, frozenset(self._held))
+        finally:
+            self.busy.discard(current)
+
+    async def settle(self, result: Settlement) -> None:
+        """Record an outcome; if the store refuses (disk full), keep it and retry, never resend.
+
+        Dropping it would leave the row leased, and when the lease ran out it would be sent again.
+        The row stays held, so it cannot be claimed meanwhile. While stopping, one try only:
+        the lease brings the row back after a restart.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self._store.settle(result, self._clock())
+                break
+            except StoreError as exc:
+                if self.stopping:
+                    raise
+                delay = min(SETTLE_RETRY_CAP, 0.5 * 2**attempt)
+                log.error("could not record the outcome of %s, retrying in %.1f s: %s", result.id, delay, exc)
+                self._counts["settle_retries"] += 1
+                await asyncio.sleep(delay)
+                attempt += 1
+        if result.state == "queued":
+            self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
