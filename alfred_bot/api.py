@@ -17,11 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from alfred_bot import __version__, keys
 from alfred_bot.config import Config
-from alfred_bot.context import new_outbox_id
 from alfred_bot.media import MediaError, check_upload, kind_for
 from alfred_bot.security import api_token_of, token_ok
 from alfred_bot.status import authorized, collect
-from alfred_bot.store import OutboxRow, StoreError
+from alfred_bot.store import OutboxRow, StoreError, new_outbox_id
 from alfred_bot.validate import InvalidMessage, addressee, is_group, validate_send
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -409,7 +408,10 @@ async def _read_capped(part: BodyPartReader, cap: int) -> bytes | None:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; gauges that mirror the store and the queues are refreshed first."""
+    """Prometheus exposition; gauges that mirror the store and the queues are refreshed first.
+
+    The text is built in a worker thread (`Metrics.scrape`) so a large registry never stalls webhooks.
+    """
     app = request.app
     m, sender = app[keys.METRICS], app[keys.SENDER]
     if await app[keys.STORE].healthy():
@@ -421,7 +423,7 @@ async def metrics(request: web.Request) -> web.Response:
         m.send_queue.labels(tenant).set(depth)
     for tenant in app[keys.CONFIG].tenants:
         m.paused.labels(tenant).set(1 if tenant in sender.pauses else 0)
-    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=await m.scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def audit(request: web.Request) -> web.Response:

@@ -22,14 +22,15 @@ from alfred_bot.config import Config, Secrets
 from alfred_bot.context import Services
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import GraphTransport, SandboxTransport, Transport
+from alfred_bot.loader import routers_for
 from alfred_bot.meters import Meters
 from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
+from alfred_bot.outbound.sender import Sender
 from alfred_bot.retention import Retention
-from alfred_bot.router import Router, routers_for
+from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget, Redactor, identity_encoding
-from alfred_bot.sender import Sender
-from alfred_bot.store import SqliteStore, Store, StoreError
+from alfred_bot.store import Store, StoreError, make_store
 
 log = logging.getLogger("alfred.app")
 
@@ -52,7 +53,7 @@ def create_app(
     )
     app[keys.CONFIG] = cfg
     app[keys.SECRETS] = secrets
-    app[keys.STORE] = store or SqliteStore(Path(cfg.storage.path))
+    app[keys.STORE] = store or make_store(cfg.storage.path)
     app[keys.ROUTERS] = routers if routers is not None else routers_for(cfg)
     app[keys.TENANTS] = cfg.tenant_by_phone_number_id()
     app[keys.WABAS] = cfg.tenant_by_waba_id()

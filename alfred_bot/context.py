@@ -8,12 +8,10 @@ exactly once however often a crash makes the handler run.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -28,13 +26,13 @@ from alfred_bot.models import (
     StickerMessage,
     VideoMessage,
 )
-from alfred_bot.router import command_of
-from alfred_bot.store import OutboxRow
+from alfred_bot.store import OutboxRow, new_outbox_id
+from alfred_bot.text import command_of
 from alfred_bot.validate import MEDIA_TYPES, InvalidMessage, validate_content
 
 if TYPE_CHECKING:
     from alfred_bot.graph import Transport
-    from alfred_bot.store import Store
+    from alfred_bot.store import Queries
 
 MAX_TEXT = 4096
 
@@ -42,11 +40,8 @@ ReplyError = InvalidMessage  # a reply the Cloud API would refuse; raised before
 
 #: A button: `(id, title)`; a list row: `(id, title)` or `(id, title, description)`.
 Choice = tuple[str, str] | tuple[str, str, str]
-
-
-def new_outbox_id() -> str:
-    """Time-ordered, unique id for an outbox row (ms timestamp + 64 random bits)."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+#: What a message says about the user's consent: "out" (an opt-out word), "in" (it lifts one).
+Consent = Literal["in", "out"]
 
 
 def phone_to(user: str) -> str:
@@ -72,7 +67,7 @@ def address_of(phone: str | None, user_id: str | None) -> dict[str, str]:
 class Services:
     """What a context may reach beyond its message: the store (history) and the transport (media)."""
 
-    store: Store
+    store: Queries
     transport: Transport
     media_dir: Path
     max_download_bytes: int
@@ -259,7 +254,11 @@ _MEDIA_OF = (ImageMessage, VideoMessage, AudioMessage, DocumentMessage, StickerM
 
 
 class Context(Outgoing):
-    """What a handler knows about the message it answers, and how it answers."""
+    """What a handler knows about the message it answers, and how it answers.
+
+    `consent` and `limited` are the verdicts of the built-in middleware (`consent.py`,
+    `limits.py`), which run before the bot's: the dispatcher records them with the completion.
+    """
 
     def __init__(
         self,
@@ -280,6 +279,9 @@ class Context(Outgoing):
         self.message = message
         self.contact = contact
         self.replies = []
+        self.consent: Consent | None = None
+        #: Over the per-user inbound limit: kept (inbox state `limited`) but not handled.
+        self.limited = False
         self._services = services
         self._early = early
 

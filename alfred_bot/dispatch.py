@@ -6,8 +6,13 @@ the store for pending messages once the queue has room (it also runs at start-up
 messages accepted before a crash get handled). A message is never in the queue twice: the
 `_inflight` set guards the queue, and the completion's `state = 'pending'` check guards the store.
 
-The queue has one lane per tenant (`lanes.FairQueue`): a tenant holds at most its share of the
+The queue has one lane per tenant (`fairqueue.FairQueue`): a tenant holds at most its share of the
 workers, so one tenant's slow handlers or hanging orchestrator never delay another tenant's messages.
+
+What happens to one message is the router's business (`Router.handle`): the dispatcher mounts each
+tenant's router with the built-in middleware — consent, then the inbound limit, then the handler
+timing — outside the bot's own, and the orchestrator as the fallback for texts. `Runner` runs it
+under the handler timeout and commits the outcome.
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
-from alfred_bot.abuse import InboundLimiter, ends_opt_out, is_opt_out
-from alfred_bot.config import Config
+from alfred_bot.config import Config, DispatchConfig
+from alfred_bot.consent import consent_middleware
 from alfred_bot.context import Context, Services, StatusContext
-from alfred_bot.lanes import FairQueue
+from alfred_bot.fairqueue import FairQueue
+from alfred_bot.limits import InboundLimiter, limit_middleware
 from alfred_bot.logs import bound, new_trace_id, redact
 from alfred_bot.metrics import Metrics
-from alfred_bot.models import Message, TextMessage
-from alfred_bot.orchestrator import Orchestrator, OrchestratorError, envelope, split_text
+from alfred_bot.models import Message
+from alfred_bot.orchestrator import Orchestrator, orchestrator_fallback
 from alfred_bot.parse import InboundItem, StatusItem
-from alfred_bot.router import CONTINUE, Router
-from alfred_bot.store import Completion, InboxState, OutboxRow, Store, StoreError
+from alfred_bot.router import Middleware, Next, Router
+from alfred_bot.store import Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
 from alfred_bot.tasks import stop_workers
 
 log = logging.getLogger("alfred.dispatch")
@@ -40,12 +47,17 @@ EARLY_RECEIPT_AFTER = 0.2
 COMMIT_RETRY_CAP = 30.0
 
 
+class DispatchStore(Inbox, Outbox, Protocol):
+    """What dispatch needs of the store: pending messages and their completions, and the outbox
+    (replies of status routes, early read receipts)."""
+
+
 class Dispatcher:
     """Runs each accepted message through its tenant's router exactly once."""
 
     def __init__(
         self,
-        store: Store,
+        store: DispatchStore,
         routers: Mapping[str, Router],
         cfg: Config,
         *,
@@ -54,17 +66,11 @@ class Dispatcher:
         services: Services | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self.counts: Counter[str] = Counter(handled=0, failed=0, overflow=0, recovered=0)
         self._store = store
-        self._on_replies = on_replies
-        self._routers = routers
         self._cfg = cfg.dispatch
-        self._limits = cfg.limits
-        self._orchestrator = orchestrator if orchestrator is not None and orchestrator.enabled else None
-        self._orchestrator_fallback = cfg.orchestrator.fallback_text
-        self._orchestrator_parts = cfg.orchestrator.max_parts
-        self._services = services
-        self._limiter = InboundLimiter(cfg.limits.inbound_per_user, cfg.limits.inbound_window_seconds)
+        self._routers = mount_routers(routers, cfg, self.counts, orchestrator, metrics or Metrics())
+        self._runner = Runner(store, self._routers, cfg.dispatch, self.counts, services=services, on_replies=on_replies)
         self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
             cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
         )
@@ -73,10 +79,7 @@ class Dispatcher:
         self._backlog = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
-        self._early_tasks: set[asyncio.Task[None]] = set()
-        self._early_timers: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
-        self.counts: Counter[str] = Counter(handled=0, failed=0, overflow=0, recovered=0)
 
     async def start(self) -> None:
         """Start workers and the catch-up scan (which also picks up what a crash left pending)."""
@@ -93,6 +96,11 @@ class Dispatcher:
     @property
     def backlog(self) -> bool:
         return self._backlog.is_set()
+
+    @property
+    def scanning(self) -> bool:
+        """A catch-up batch is being queued (it remembers completions meanwhile, released after)."""
+        return self._done_during_scan is not None
 
     def offer(self, items: Iterable[InboundItem | StatusItem]) -> None:
         """Queue freshly committed updates; on a full queue leave messages to the catch-up scan.
@@ -173,7 +181,7 @@ class Dispatcher:
             self._busy.add(current)
             try:
                 if isinstance(item, StatusItem):
-                    await self._handle_status(item)
+                    await self._runner.status(item)
                 else:
                     await self._guarded(item)
             finally:
@@ -184,7 +192,7 @@ class Dispatcher:
         trace_id = item.trace_id or new_trace_id()
         try:
             with bound(trace_id=trace_id, tenant=item.tenant, message_id=item.message.id):
-                await self._handle(item)
+                await self._runner.message(item)
         except Exception:  # a bug here must not kill the worker; the message stays pending
             log.exception("dispatch of %s failed; it stays pending", item.message.id)
             self._retry_later()
@@ -193,30 +201,103 @@ class Dispatcher:
             if self._done_during_scan is not None:
                 self._done_during_scan.add(item.key)
 
-    async def _handle(self, item: InboundItem) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let busy workers finish their message (up to `grace` s); the rest stays pending."""
+        self._stopping = self._runner.stopping = True
+        await stop_workers(self._tasks, self._busy, grace)
+        self._tasks = []
+        await self._runner.close()
+
+
+def mount_routers(
+    routers: Mapping[str, Router],
+    cfg: Config,
+    counts: Counter[str],
+    orchestrator: Orchestrator | None,
+    metrics: Metrics,
+) -> dict[str, Router]:
+    """Each tenant's router as dispatch runs it: the built-in middleware outside the bot's own (one
+    inbound limiter for all tenants, keyed by tenant and user) and the orchestrator for texts."""
+    limiter = InboundLimiter(cfg.limits.inbound_per_user, cfg.limits.inbound_window_seconds)
+    builtins = (
+        consent_middleware(cfg.limits, counts),
+        limit_middleware(limiter, cfg.limits),
+        latency_middleware(metrics),
+    )
+    fallback = orchestrator_fallback(orchestrator, cfg.orchestrator, counts)
+    return {name: router.mount(outer=builtins, text_fallback=fallback) for name, router in routers.items()}
+
+
+def latency_middleware(metrics: Metrics) -> Middleware:
+    """The innermost built-in: the bot's handling time per tenant (`alfred_handler_latency_seconds`).
+
+    Inside consent and the limit, so an opt-out word or a limited message, which the bot never
+    sees, is not timed; a handler that fails is not timed either (it is counted as failed).
+    """
+
+    async def timed(message: Message, ctx: Context, call_next: Next) -> Any:
+        started = time.perf_counter()
+        result = await call_next()
+        elapsed = time.perf_counter() - started
+        metrics.handler_latency.labels(ctx.tenant).observe(elapsed)
+        log.debug("handled %s in %.1f ms", message.id, elapsed * 1000)
+        return result
+
+    return timed
+
+
+class Runner:
+    """Runs one queued item through its tenant's (mounted) router and records the outcome once."""
+
+    def __init__(
+        self,
+        store: DispatchStore,
+        routers: Mapping[str, Router],
+        cfg: DispatchConfig,
+        counts: Counter[str],
+        *,
+        services: Services | None,
+        on_replies: Callable[[], None] | None,
+    ) -> None:
+        self._store = store
+        self._routers = routers
+        self._cfg = cfg
+        self._counts = counts
+        self._services = services
+        self._on_replies = on_replies
+        self._early = EarlyReceipts(store, on_replies)
+        #: Set when shutdown starts: a completion that cannot be committed then stays pending.
+        self.stopping = False
+
+    async def message(self, item: InboundItem) -> None:
+        """Handle a message and commit its completion (replies, state, consent) in one write."""
         try:
-            done = await self._run_handler(item)
+            done = await self._run(item)
         finally:
-            self._cancel_early(f"{item.tenant}:{item.message.id}")  # the completion carries the receipt
+            self._early.cancel(f"{item.tenant}:{item.message.id}")  # the completion carries the receipt
+        if not await self._commit(done):
+            return
+        self._counts[done.state] += 1
+        if done.replies and self._on_replies is not None:
+            self._on_replies()
+
+    async def _commit(self, done: Completion) -> bool:
+        """Keep the outcome and retry only the commit: re-running the handler would repeat its side
+        effects. False if we are stopping (the message stays pending)."""
         attempt = 0
         while True:
             try:
                 await self._store.complete(done)
-                break
+                return True
             except StoreError as exc:
-                # Keep the outcome and retry only the commit: re-running the handler would
-                # repeat its side effects. If we are stopping, the message stays pending.
                 delay = min(COMMIT_RETRY_CAP, RETRY_DELAY * 2**attempt)
                 log.error("could not record the outcome of %s, retrying in %.0f s: %s", done.event_id, delay, exc)
-                if self._stopping:
-                    return
+                if self.stopping:
+                    return False
                 await asyncio.sleep(delay)
                 attempt += 1
-        self.counts[done.state] += 1
-        if done.replies and self._on_replies is not None:
-            self._on_replies()
 
-    async def _run_handler(self, item: InboundItem) -> Completion:
+    async def _run(self, item: InboundItem) -> Completion:
         message, tenant = item.message, item.tenant
         router = self._routers.get(tenant) if tenant else None
         if router is None or tenant is None:
@@ -228,17 +309,13 @@ class Dispatcher:
             message=message,
             contact=item.contact,
             services=self._services,
-            early=self._send_early,
+            early=self._early.schedule,
             trace_id=item.trace_id,
             received_at=item.received_at,
         )
-        gate = self._gate(ctx)
-        if gate is not None:
-            return gate
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._cfg.handler_timeout_seconds):
-                await self._route(router, ctx)
+                await router.handle(message, ctx)
         except Exception as exc:  # noqa: BLE001 (a handler bug must not stop the bot)
             return self._failed(ctx, exc)
         except asyncio.CancelledError as exc:
@@ -246,45 +323,11 @@ class Dispatcher:
             if task is not None and task.cancelling():
                 raise  # we are being stopped: the message stays pending
             return self._failed(ctx, exc)
-        elapsed = time.perf_counter() - started
-        self._metrics.handler_latency.labels(tenant).observe(elapsed)
-        log.debug("handled %s in %.1f ms", message.id, elapsed * 1000)
-        return self._completion(ctx, "handled")
+        return self._completion(ctx, "limited" if ctx.limited else "handled")
 
-    def _send_early(self, row: OutboxRow) -> None:
-        """Queue a read receipt before the completion if the handler is slow, so "typing…" shows.
-
-        Only after `EARLY_RECEIPT_AFTER`: a fast handler's receipt simply goes with its replies
-        (one write instead of two). The completion inserts the row anyway; its idempotency key
-        makes a second insert a no-op, and if the early write fails the completion still queues it.
-        """
-        event_id = f"{row.tenant}:{row.source_event_id or row.id}"  # wamids are unique per number only
-        loop = asyncio.get_running_loop()
-        self._early_timers[event_id] = loop.call_later(EARLY_RECEIPT_AFTER, self._spawn_early, event_id, row)
-
-    def _spawn_early(self, event_id: str, row: OutboxRow) -> None:
-        self._early_timers.pop(event_id, None)
-        task = asyncio.create_task(self._enqueue_early(row))
-        self._early_tasks.add(task)
-        task.add_done_callback(self._early_tasks.discard)
-
-    def _cancel_early(self, event_id: str) -> None:
-        timer = self._early_timers.pop(event_id, None)
-        if timer is not None:
-            timer.cancel()
-
-    async def _enqueue_early(self, row: OutboxRow) -> None:
-        try:
-            await self._store.enqueue([row])
-        except StoreError as exc:
-            log.warning("early read receipt not queued (the completion will queue it): %s", exc)
-            return
-        if self._on_replies is not None:
-            self._on_replies()
-
-    def _completion(self, ctx: Context, state: InboxState, error: str | None = None) -> Completion:
-        """A message the user writes or taps (other than an opt-out) means they want to hear from us;
-        a reaction, an edit, a system notice … changes nothing (`abuse.ends_opt_out`)."""
+    @staticmethod
+    def _completion(ctx: Context, state: InboxState, error: str | None = None) -> Completion:
+        """The outcome with the consent verdict of the built-in middleware (`consent.py`)."""
         return Completion(
             ctx.message.id,
             state,
@@ -292,80 +335,21 @@ class Dispatcher:
             error,
             tenant=ctx.tenant,
             user=ctx.recipient,
-            consent="in" if ends_opt_out(ctx.message) else None,
+            consent=ctx.consent,
             phone_number_id=ctx.phone_number_id,
         )
 
-    def _gate(self, ctx: Context) -> Completion | None:
-        """Opt-out words end here; over the per-user limit the message is kept but not handled."""
-        message = ctx.message
-        if is_opt_out(message, self._limits):
-            self.counts["opted_out"] += 1
-            if self._limits.opt_out_reply.strip():
-                ctx.reply(self._limits.opt_out_reply[:4096])
-            return Completion(
-                message.id,
-                "handled",
-                tuple(ctx.replies),
-                tenant=ctx.tenant,
-                user=ctx.recipient,
-                consent="out",
-                phone_number_id=ctx.phone_number_id,
-            )
-        verdict = self._limiter.check(ctx.tenant, ctx.recipient, float(message.timestamp))
-        if verdict.allowed:
-            return None
-        if verdict.notify and self._limits.limit_notice.strip():
-            ctx.reply(self._limits.limit_notice[:4096])
-        log.warning("message %s: user over the inbound limit (tenant %s), kept but not handled", message.id, ctx.tenant)
-        return Completion(
-            message.id,
-            "limited",
-            tuple(ctx.replies),
-            tenant=ctx.tenant,
-            user=ctx.recipient,
-            phone_number_id=ctx.phone_number_id,
-        )
+    def _failed(self, ctx: Context, exc: BaseException) -> Completion:
+        """Drop whatever the handler queued; queue the configured fallback instead."""
+        reason = "handler timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        reason = redact(reason.encode("utf-8", "backslashreplace").decode("utf-8"))  # storable, secret-free
+        log.error("handler failed for %s (tenant %s): %s", ctx.message.id, ctx.tenant, reason)
+        ctx.replies[:] = [r for r in ctx.replies if r.type == "read"]  # the receipt stays, replies go
+        if self._cfg.fallback_text.strip():
+            ctx.reply(self._cfg.fallback_text[:4096])
+        return self._completion(ctx, "failed", reason[:1000])
 
-    async def _route(self, router: Router, ctx: Context) -> None:
-        """The router's middleware, once, around: matching routes in order until one does not
-        return CONTINUE; then the orchestrator (texts, when configured) or the default."""
-
-        async def handle(message: Message, ctx: Context) -> None:
-            for handler in router.handlers_for(message):
-                if await handler(message, ctx) is not CONTINUE:
-                    return
-            if self._orchestrator is not None and isinstance(message, TextMessage):
-                await self._ask_orchestrator(message, ctx)
-            elif router.fallback is not None:
-                await router.fallback(message, ctx)
-
-        await router.wrap(handle)(ctx.message, ctx)
-
-    async def _ask_orchestrator(self, message: Message, ctx: Context) -> None:
-        """Forward a text to the orchestrator; its answer, or the fallback, goes back to the user."""
-        assert self._orchestrator is not None
-        ctx.mark_read(typing=True)
-        request = envelope(
-            trace_id=ctx.trace_id or new_trace_id(),
-            text=message.text or "",
-            user=ctx.recipient,
-            message_id=message.id,
-            phone_number=ctx.contact.wa_id if ctx.contact and ctx.contact.wa_id else message.from_,
-            tenant=ctx.tenant,
-        )
-        try:
-            answer = await self._orchestrator.ask(request)
-        except OrchestratorError as exc:
-            log.error("orchestrator failed for %s (tenant %s): %s", message.id, ctx.tenant, exc)
-            self.counts["orchestrator_failed"] += 1
-            if self._orchestrator_fallback.strip():
-                ctx.reply(self._orchestrator_fallback[:4096])
-            return
-        for part in split_text(answer, max_parts=self._orchestrator_parts):
-            ctx.reply(part)
-
-    async def _handle_status(self, item: StatusItem) -> None:
+    async def status(self, item: StatusItem) -> None:
         """Run the status routes of the tenant; what they send is queued straight away."""
         router = self._routers.get(item.tenant or "")
         if router is None or item.tenant is None:
@@ -382,26 +366,58 @@ class Dispatcher:
         except Exception:  # a status handler bug must not stop the bot
             status = item.status
             log.exception("status handler failed for %s %s (tenant %s)", status.id, status.status, item.tenant)
-            self.counts["status_failed"] += 1
+            self._counts["status_failed"] += 1
             return
-        self.counts["status_handled"] += 1
+        self._counts["status_handled"] += 1
 
-    def _failed(self, ctx: Context, exc: BaseException) -> Completion:
-        """Drop whatever the handler queued; queue the configured fallback instead."""
-        reason = "handler timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        reason = redact(reason.encode("utf-8", "backslashreplace").decode("utf-8"))  # storable, secret-free
-        log.error("handler failed for %s (tenant %s): %s", ctx.message.id, ctx.tenant, reason)
-        ctx.replies[:] = [r for r in ctx.replies if r.type == "read"]  # the receipt stays, replies go
-        if self._cfg.fallback_text.strip():
-            ctx.reply(self._cfg.fallback_text[:4096])
-        return self._completion(ctx, "failed", reason[:1000])
+    async def close(self) -> None:
+        await self._early.close()
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Let busy workers finish their message (up to `grace` s); the rest stays pending."""
-        self._stopping = True
-        await stop_workers(self._tasks, self._busy, grace)
-        self._tasks = []
-        for event_id in list(self._early_timers):
-            self._cancel_early(event_id)
-        if self._early_tasks:  # early receipts: the completion (or the next run) queues them anyway
-            await asyncio.wait(self._early_tasks, timeout=1.0)
+
+class EarlyReceipts:
+    """Read receipts queued before the completion when the handler is slow, so "typing…" shows.
+
+    Only after `EARLY_RECEIPT_AFTER`: a fast handler's receipt simply goes with its replies
+    (one write instead of two). The completion inserts the row anyway; its idempotency key
+    makes a second insert a no-op, and if the early write fails the completion still queues it.
+    """
+
+    def __init__(self, store: Outbox, on_replies: Callable[[], None] | None) -> None:
+        self._store = store
+        self._on_replies = on_replies
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def schedule(self, row: OutboxRow) -> None:
+        """`Context.mark_read` calls this with the receipt row."""
+        event_id = f"{row.tenant}:{row.source_event_id or row.id}"  # wamids are unique per number only
+        loop = asyncio.get_running_loop()
+        self._timers[event_id] = loop.call_later(EARLY_RECEIPT_AFTER, self._spawn, event_id, row)
+
+    def cancel(self, event_id: str) -> None:
+        timer = self._timers.pop(event_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _spawn(self, event_id: str, row: OutboxRow) -> None:
+        self._timers.pop(event_id, None)
+        task = asyncio.create_task(self._enqueue(row))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _enqueue(self, row: OutboxRow) -> None:
+        try:
+            await self._store.enqueue([row])
+        except StoreError as exc:
+            log.warning("early read receipt not queued (the completion will queue it): %s", exc)
+            return
+        if self._on_replies is not None:
+            self._on_replies()
+
+    async def close(self) -> None:
+        """Cancel pending timers; give started writes a second (the completion, or the next run,
+        queues the receipts anyway)."""
+        for event_id in list(self._timers):
+            self.cancel(event_id)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)

@@ -6,6 +6,9 @@ bounded by `timeout_seconds`; timeouts, connection failures, 429 and 5xx are ret
 would fail the same way again). Whatever fails, the caller gets `OrchestratorError` and sends
 the configured fallback, so the user always hears back.
 
+`orchestrator_fallback` makes the client a router's text fallback: the dispatcher mounts it on
+every tenant's router (`Router.mount`), which sends it the texts no route claims.
+
 The orchestrator is not trusted further than that: redirects are never followed (a 3xx is a
 failure, so the user's text and number are never re-posted to a host we did not configure), the
 answer is read up to `max_answer_bytes` (more is a failure: a cut JSON could not be read anyway,
@@ -17,13 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
 from alfred_bot.config import OrchestratorConfig
+from alfred_bot.logs import new_trace_id
 from alfred_bot.metrics import Metrics
+from alfred_bot.models import Message
+
+if TYPE_CHECKING:
+    from alfred_bot.context import Context
+    from alfred_bot.router import Handler
 
 log = logging.getLogger("alfred.orchestrator")
 
@@ -176,6 +185,46 @@ class Orchestrator:
                 raise OrchestratorError(f"the answer is larger than orchestrator.max_answer_bytes ({cap} bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def orchestrator_fallback(
+    orchestrator: Orchestrator | None, cfg: OrchestratorConfig, counts: Counter[str]
+) -> Handler | None:
+    """The text fallback that forwards a text to the orchestrator (None when it is not configured).
+
+    Its answer goes back to the user in at most `cfg.max_parts` messages; when it fails,
+    `cfg.fallback_text` does (counted in `counts` as `orchestrator_failed`). A read receipt with
+    "typing…" goes first, so the user sees the bot is working while the orchestrator thinks.
+    """
+    if orchestrator is None or not orchestrator.enabled:
+        return None
+
+    async def ask_orchestrator(message: Message, ctx: Context) -> None:
+        ctx.mark_read(typing=True)
+        try:
+            answer = await orchestrator.ask(_request(message, ctx))
+        except OrchestratorError as exc:
+            log.error("orchestrator failed for %s (tenant %s): %s", message.id, ctx.tenant, exc)
+            counts["orchestrator_failed"] += 1
+            if cfg.fallback_text.strip():
+                ctx.reply(cfg.fallback_text[:4096])
+            return
+        for part in split_text(answer, max_parts=cfg.max_parts):
+            ctx.reply(part)
+
+    return ask_orchestrator
+
+
+def _request(message: Message, ctx: Context) -> dict[str, Any]:
+    """The envelope for one message; the phone number is the contact's `wa_id` when Meta gave one."""
+    return envelope(
+        trace_id=ctx.trace_id or new_trace_id(),
+        text=message.text or "",
+        user=ctx.recipient,
+        message_id=message.id,
+        phone_number=ctx.contact.wa_id if ctx.contact and ctx.contact.wa_id else message.from_,
+        tenant=ctx.tenant,
+    )
 
 
 def _cut(text: str, size: int) -> int:

@@ -1,11 +1,15 @@
 """Routers: how bot logic in `handlers/` declares which messages and status events it answers.
 
-A message handler is `async def handler(message, ctx) -> None`. Routes are tried in the order
-they were declared and the first whose filters all match runs. By default that ends routing;
-a handler that returns `CONTINUE` lets the next matching route run too. When no route ran to the
-end, a text message goes to the orchestrator (if `[orchestrator] url` is set), anything else to
-`@router.default`. Middleware (`router.use`) wraps the whole handling of a message once (all of
-the above), the first added outermost.
+A message handler is `async def handler(message, ctx) -> None`. `Router.handle` runs one message:
+routes are tried in the order they were declared and the first whose filters all match runs. By
+default that ends routing; a handler that returns `CONTINUE` lets the next matching route run too.
+When no route ran to the end, a text message goes to the text fallback (the orchestrator, when
+`[orchestrator] url` is set), anything else to `@router.default`. Middleware (`router.use`) wraps
+the whole handling of a message once (all of the above), the first added outermost.
+
+The dispatcher does not run a bot's router as declared: it runs `router.mount(...)`, a view of the
+same routes with the built-in middleware (consent, then the inbound limit) outside the bot's own
+and the orchestrator as text fallback, so the rules above are all in this one module.
 
 A status handler is `async def handler(status, ctx) -> None` for delivery updates of messages we
 sent (`sent`, `delivered`, `read`, `played`, `failed`); every matching status route runs.
@@ -16,14 +20,22 @@ transaction that marks the message handled.
 
 from __future__ import annotations
 
-import importlib
+import copy
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from alfred_bot.config import Config, ConfigError
-from alfred_bot.models import ButtonMessage, InteractiveMessage, Message, ReactionMessage, Status, UnknownMessage
+from alfred_bot.models import (
+    ButtonMessage,
+    InteractiveMessage,
+    Message,
+    ReactionMessage,
+    Status,
+    TextMessage,
+    UnknownMessage,
+)
+from alfred_bot.text import command_of
 
 if TYPE_CHECKING:
     from alfred_bot.context import Context, StatusContext
@@ -106,18 +118,8 @@ def _emoji(message: Message) -> str | None:
     return (message.reaction.emoji or "") if isinstance(message, ReactionMessage) else None
 
 
-def command_of(text: str | None) -> tuple[str, str] | None:
-    """`"/Help me"` → `("help", "me")`: the first word (ended by any whitespace), lower-cased,
-    without a leading '/' or trailing '!', '.', '?'."""
-    parts = (text or "").split(maxsplit=1)
-    if not parts:
-        return None
-    word = parts[0].removeprefix("/").rstrip("!.?").lower()
-    return word, parts[1].strip() if len(parts) > 1 else ""
-
-
 class Router:
-    """Ordered routes, status routes, middleware and an optional catch-all."""
+    """Ordered routes, status routes, middleware and an optional catch-all; `handle` runs a message."""
 
     def __init__(self, name: str = "") -> None:
         self.name = name
@@ -125,6 +127,8 @@ class Router:
         self._status_routes: list[tuple[frozenset[str], StatusHandler]] = []
         self._middleware: list[Middleware] = []
         self._default: Handler | None = None
+        self._outer: tuple[Middleware, ...] = ()  # built-in middleware, set by `mount`
+        self._text_fallback: Handler | None = None
 
     # ------------------------------------------------------------------ declaring
 
@@ -196,6 +200,19 @@ class Router:
         self._middleware.append(middleware)
         return middleware
 
+    def mount(self, *, outer: Sequence[Middleware] = (), text_fallback: Handler | None = None) -> Router:
+        """This router as the dispatcher runs it: `outer` middleware around the bot's own (the first
+        outermost) and `text_fallback` for the texts no route claims.
+
+        A view, never a change: the bot's routes, status routes and middleware are shared (one
+        declared later still counts), while the router in `handlers/` stays as declared, so one
+        module can serve several tenants and apps, each with its own built-ins.
+        """
+        mounted = copy.copy(self)
+        mounted._outer = (*self._outer, *outer)
+        mounted._text_fallback = text_fallback or self._text_fallback
+        return mounted
+
     # ------------------------------------------------------------------ resolving
 
     @property
@@ -206,19 +223,33 @@ class Router:
         """The handlers of every matching route, in declaration order."""
         return [route.handler for route in self._routes if route.matches(message)]
 
-    @property
-    def fallback(self) -> Handler | None:
+    def fallback_for(self, message: Message) -> Handler | None:
+        """Who answers a message no route ran to the end: a text goes to the text fallback
+        (the orchestrator) when there is one, anything else to `@router.default` (if any)."""
+        if self._text_fallback is not None and isinstance(message, TextMessage):
+            return self._text_fallback
         return self._default
 
     def status_handlers(self, status: Status) -> list[StatusHandler]:
         return [h for states, h in self._status_routes if not states or status.status in states]
 
-    def wrap(self, handler: Handler) -> Handler:
-        """`handler` inside this router's middleware chain."""
-        wrapped = handler
-        for middleware in reversed(self._middleware):
-            wrapped = _wrap_one(middleware, wrapped)
-        return wrapped
+    # ------------------------------------------------------------------ running
+
+    async def handle(self, message: Message, ctx: Context) -> None:
+        """Run one message: the middleware once (built-in first, then the bot's, first added
+        outermost) around the matching routes in order while they return `CONTINUE`, then the fallback."""
+        run: Handler = self._route
+        for middleware in reversed((*self._outer, *self._middleware)):
+            run = _wrap_one(middleware, run)
+        await run(message, ctx)
+
+    async def _route(self, message: Message, ctx: Context) -> None:
+        for handler in self.handlers_for(message):
+            if await handler(message, ctx) is not CONTINUE:
+                return
+        fallback = self.fallback_for(message)
+        if fallback is not None:
+            await fallback(message, ctx)
 
 
 def _wrap_one(middleware: Middleware, inner: Handler) -> Handler:
@@ -226,26 +257,3 @@ def _wrap_one(middleware: Middleware, inner: Handler) -> Handler:
         return await middleware(message, ctx, lambda: inner(message, ctx))
 
     return call
-
-
-def load_router(module: str, key: str) -> Router:
-    """Import `handlers.<module>` and return its `router`; errors name the config `key`."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", module):
-        raise ConfigError(f"{key}: {module!r} is not a module name in handlers/")
-    try:
-        mod = importlib.import_module(f"handlers.{module}")
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"{key}: no module handlers/{module}.py ({exc})") from None
-    router = getattr(mod, "router", None)
-    if not isinstance(router, Router):
-        raise ConfigError(f"{key}: handlers/{module}.py has no `router = Router(...)`")
-    return router
-
-
-def routers_for(cfg: Config) -> dict[str, Router]:
-    """One router per tenant, as chosen by `tenants.NAME.handler` or `handlers.default`."""
-    routers: dict[str, Router] = {}
-    for name, tenant in cfg.tenants.items():
-        key = f"tenants.{name}.handler" if tenant.handler else "handlers.default"
-        routers[name] = load_router(cfg.handler_for(name), key)
-    return routers

@@ -13,7 +13,7 @@ from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import ConfigError
 from alfred_bot.context import Context, ReplyError
-from alfred_bot.lanes import FairQueue
+from alfred_bot.fairqueue import FairQueue
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
@@ -61,6 +61,7 @@ async def test_full_queue_still_answers_200_and_everything_is_handled(
     assert _count(cfg.storage.path, "inbox WHERE state = 'pending'") >= 28
     gate.open.set()
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 30)
+    await wait_for(lambda: not dispatcher.scanning)  # the scan's memory of completions is released
     assert gate.calls == dict.fromkeys(ids, 1)
     for wid in ids:
         assert _reply_texts(cfg.storage.path, wid) == [f"done {wid}"]
@@ -196,6 +197,39 @@ async def test_router_order_and_filters() -> None:
     assert router.handlers_for(_decode(payloads.text("/help me"))) == [help_, any_text]
     assert router.handlers_for(_decode(payloads.text("hi /help"))) == [any_text]
     assert router.handlers_for(_decode(payloads.SAMPLES["image"])) == []
+
+
+def _latency_count(metrics_text: str, tenant: str) -> float:
+    prefix = f'alfred_handler_latency_seconds_count{{tenant="{tenant}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in metrics_text.splitlines() if line.startswith(prefix))
+
+
+async def test_only_messages_the_bot_handled_are_timed(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:
+    """Handler latency is measured inside the built-ins: an opt-out word or a limited message never
+    reaches the bot and is not timed, nor is a handler that fails."""
+    cfg = make_config(tmp_path, limits={"inbound_per_user": 2, "inbound_window_seconds": 60})
+    router = Router()
+
+    @router.message("text", text="^boom$")
+    async def boom(message: Message, ctx: Context) -> None:
+        raise RuntimeError("kaput")
+
+    @router.default
+    async def fine(message: Message, ctx: Context) -> None:
+        ctx.reply("fine")
+
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": router}))
+    t0 = 1_760_000_000
+    texts = ["hi", "STOP", "boom", "over the limit"]
+    msgs = [payloads.text(t, id=f"wamid.LAT{i}", timestamp=str(t0 + i)) for i, t in enumerate(texts)]
+    for msg in msgs:  # one by one: the limit counts in the order the user wrote
+        assert await post_webhook(client, payloads.body_of(msg)) == 200
+        done = f"inbox WHERE event_id = '{msg['id']}' AND state != 'pending'"
+        await wait_for(lambda done=done: _count(cfg.storage.path, done) == 1)
+    states = dict(db_rows(cfg.storage.path, "SELECT event_id, state FROM inbox"))
+    assert states == {"wamid.LAT0": "handled", "wamid.LAT1": "handled", "wamid.LAT2": "failed", "wamid.LAT3": "limited"}
+    text = await (await client.get("/metrics")).text()
+    assert _latency_count(text, "home") == 1.0
 
 
 async def test_worker_survives_a_failing_completion(aiohttp_client: Any, tmp_path: Path, secrets: Any) -> None:

@@ -200,7 +200,7 @@ async def test_scan_memory_is_released_between_scans(client: Any, cfg: Any) -> N
     for i in range(20):
         assert await post_webhook(client, payloads.body_of(payloads.text("m", id=f"wamid.MEM{i}"))) == 200
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 20)
-    assert client.app[keys.DISPATCHER]._done_during_scan is None
+    assert not client.app[keys.DISPATCHER].scanning
 
 
 async def test_second_process_on_the_same_database_is_refused(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ from aiohttp import web
 
 from alfred_bot import keys
 from alfred_bot.app import create_app
-from alfred_bot.config import ConfigError, load_secrets
+from alfred_bot.config import ConfigError, OrchestratorConfig, load_secrets
 from alfred_bot.context import Context
 from alfred_bot.models import Message
-from alfred_bot.orchestrator import split_text
+from alfred_bot.orchestrator import Orchestrator, orchestrator_fallback, split_text
+from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
 from tests import payloads
 from tests.conftest import ENV, db_rows, make_config, post_webhook, wait_for
@@ -247,6 +248,42 @@ async def test_routes_and_default_come_first_and_only_texts_are_forwarded(
     assert _texts(db, "wamid.R1") == ["local help"]
     assert _texts(db, "wamid.R2") == ["default answer"]
     assert _texts(db, "wamid.R3") == ["default handler"]
+
+
+async def test_the_orchestrator_is_a_text_fallback_for_whichever_router_mounts_it(orch: FakeOrchestrator) -> None:
+    """`orchestrator_fallback` is an ordinary handler: mounted as a router's text fallback it takes
+    the texts no route claims; the bot's own router is left as declared (its default answers)."""
+    orch.script.append(Reply(body={"response": "from the agents"}))
+    cfg = OrchestratorConfig(url=orch.url, timeout_seconds=0.5, retries=0)
+    counts: Counter[str] = Counter()
+    assert orchestrator_fallback(None, cfg, counts) is None
+    assert orchestrator_fallback(Orchestrator(OrchestratorConfig(), None), cfg, counts) is None  # no url: off
+    bot = Router("bot")
+
+    @bot.default
+    async def default(message: Message, ctx: Context) -> None:
+        ctx.reply("the bot's default")
+
+    def ctx_for(text: str) -> Context:
+        message = decode_message(payloads.dump(payloads.text(text)))
+        return Context(tenant="home", phone_number_id=payloads.PNID, message=message, contact=None)
+
+    client = Orchestrator(cfg, API_KEY)
+    await client.start()
+    try:
+        mounted = bot.mount(text_fallback=orchestrator_fallback(client, cfg, counts))
+        asked, plain = ctx_for("hola"), ctx_for("hola")
+        await mounted.handle(asked.message, asked)
+        await bot.handle(plain.message, plain)
+    finally:
+        await client.close()
+    assert [(r.type, json.loads(r.payload).get("text")) for r in asked.replies] == [
+        ("read", None),  # "typing…" while the orchestrator thinks
+        ("text", {"body": "from the agents"}),
+    ]
+    assert [json.loads(r.payload)["text"]["body"] for r in plain.replies] == ["the bot's default"]
+    assert [r.body["payload"]["user_message"] for r in orch.requests] == ["hola"]
+    assert counts == {}
 
 
 async def test_answer_inside_payload_is_accepted(aiohttp_client: Any, tmp_path: Path, orch: FakeOrchestrator) -> None:

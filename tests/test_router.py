@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,14 @@ import pytest
 
 from alfred_bot import keys
 from alfred_bot.app import create_app
-from alfred_bot.config import load_secrets
+from alfred_bot.config import ConfigError, load_secrets
 from alfred_bot.context import Context, StatusContext
+from alfred_bot.loader import load_router, routers_for
 from alfred_bot.models import Message, Status
 from alfred_bot.parse import decode_message
-from alfred_bot.router import CONTINUE, Router, command_of
+from alfred_bot.router import CONTINUE, Next, Router
+from alfred_bot.text import command_of
+from handlers import concierge, echo
 from tests import payloads
 from tests.conftest import ENV, db_rows, make_config, post_webhook, wait_for
 
@@ -231,6 +236,128 @@ def test_route_with_custom_filters_needs_all_of_them() -> None:
     router.route(lambda m: m.type == "text", lambda m: m.sender == "15550000001")(_noop)
     assert _matches(router, payloads.text("x", sender="15550000001"))
     assert not _matches(router, payloads.text("x", sender="15550000002"))
+
+
+# ---------------------------------------------------------------------------- handle and mount (pure)
+
+
+def _recording(log: list[str]) -> Router:
+    """A bot with its own middleware, a text route that CONTINUEs and a default, logging each step."""
+    router = Router("bot")
+
+    @router.use
+    async def bot_mw(message: Message, ctx: Context, call_next: Next) -> Any:
+        log.append("bot middleware")
+        return await call_next()
+
+    @router.message("text")
+    async def tag(message: Message, ctx: Context) -> Any:
+        log.append("route")
+        return CONTINUE
+
+    @router.default
+    async def fallback(message: Message, ctx: Context) -> None:
+        log.append(f"default {message.type}")
+
+    return router
+
+
+def _step(log: list[str], name: str, *, stop: bool = False) -> Any:
+    async def middleware(message: Message, ctx: Context, call_next: Next) -> Any:
+        log.append(name)
+        return None if stop else await call_next()
+
+    return middleware
+
+
+async def test_handle_runs_middleware_then_routes_with_continue_then_the_default() -> None:
+    log: list[str] = []
+    ctx = _ctx(payloads.text("hi"))
+    await _recording(log).handle(ctx.message, ctx)
+    assert log == ["bot middleware", "route", "default text"]
+
+
+async def test_mount_puts_builtins_outside_the_bots_middleware_and_texts_to_the_text_fallback() -> None:
+    log: list[str] = []
+    bot = _recording(log)
+
+    async def orchestrator(message: Message, ctx: Context) -> None:
+        log.append("text fallback")
+
+    mounted = bot.mount(outer=[_step(log, "consent"), _step(log, "limit")], text_fallback=orchestrator)
+    for raw in (payloads.text("hi"), payloads.SAMPLES["sticker"], {**payloads.text("x"), "text": None}):
+        ctx = _ctx(raw)
+        await mounted.handle(ctx.message, ctx)
+    assert log == [
+        *("consent", "limit", "bot middleware", "route", "text fallback"),  # a text no route ended
+        *("consent", "limit", "bot middleware", "default sticker"),  # not a text: the default
+        *("consent", "limit", "bot middleware", "default text"),  # a text that did not decode: the default
+    ]
+    log.clear()
+    ctx = _ctx(payloads.text("hi"))
+    await bot.handle(ctx.message, ctx)
+    assert log == ["bot middleware", "route", "default text"], "the bot's own router is left as declared"
+
+
+async def test_a_builtin_that_stops_keeps_the_message_from_the_bot() -> None:
+    log: list[str] = []
+    mounted = _recording(log).mount(outer=[_step(log, "opt-out", stop=True), _step(log, "limit")])
+    ctx = _ctx(payloads.text("STOP"))
+    await mounted.handle(ctx.message, ctx)
+    assert log == ["opt-out"]
+
+
+async def test_a_mounted_router_shares_the_bots_routes() -> None:
+    """Mounting is a view: a route the bot declares later (after the app started) still counts."""
+    log: list[str] = []
+    bot = Router()
+    mounted = bot.mount(outer=[_step(log, "builtin")])
+
+    @bot.command("late")
+    async def late(message: Message, ctx: Context) -> None:
+        log.append("late route")
+
+    ctx = _ctx(payloads.text("late"))
+    await mounted.handle(ctx.message, ctx)
+    assert log == ["builtin", "late route"]
+    assert mounted.handlers_for(ctx.message) == [late]
+
+
+def test_fallback_for_names_who_answers_an_unclaimed_message() -> None:
+    bot = Router()
+
+    async def orchestrator(message: Message, ctx: Context) -> None:
+        return None
+
+    assert bot.fallback_for(_decode(payloads.text("hi"))) is None
+    bot.default(_noop)
+    mounted = bot.mount(text_fallback=orchestrator)
+    assert mounted.fallback_for(_decode(payloads.text("hi"))) is orchestrator
+    assert mounted.fallback_for(_decode(payloads.SAMPLES["image"])) is _noop
+    assert bot.fallback_for(_decode(payloads.text("hi"))) is _noop
+
+
+# ---------------------------------------------------------------------------- handler discovery (loader)
+
+
+def test_routers_for_loads_each_tenants_module(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        tenants={
+            "home": {"phone_number_id": payloads.PNID},
+            "biz": {"phone_number_id": payloads.BIZ_PNID, "handler": "concierge"},
+        },
+    )
+    assert routers_for(cfg) == {"home": echo.router, "biz": concierge.router}
+
+
+def test_load_router_errors_name_the_config_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "handlers.plain", types.ModuleType("handlers.plain"))  # a module, no router
+    cases = {"../etc": "is not a module name", "no_such_bot": "no module handlers/no_such_bot.py", "plain": "has no"}
+    for module, needle in cases.items():
+        with pytest.raises(ConfigError, match=r"^tenants\.biz\.handler: ") as err:
+            load_router(module, "tenants.biz.handler")
+        assert needle in str(err.value)
 
 
 # ---------------------------------------------------------------------------- through the dispatcher

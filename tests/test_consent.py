@@ -1,18 +1,20 @@
-"""Abuse and consent: the per-user inbound limit (by Meta's timestamps) and opt-out words/buttons."""
+"""Consent: opt-out words and buttons (the built-in consent middleware, end to end) and what ends an opt-out."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from alfred_bot import keys
-from alfred_bot.abuse import PRUNE_EVERY, InboundLimiter, ends_opt_out, is_opt_out
 from alfred_bot.app import create_app
 from alfred_bot.config import LimitsConfig, load_secrets
+from alfred_bot.consent import consent_middleware, ends_opt_out, is_opt_out
 from alfred_bot.context import Context
+from alfred_bot.limits import InboundLimiter, limit_middleware
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
@@ -21,14 +23,12 @@ from tests.conftest import API_TOKEN, ENV, db_rows, make_config, post_webhook, w
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 T0 = 1_760_000_000
-LIMITS = {"inbound_per_user": 3, "inbound_window_seconds": 60}
-NOTICE = LimitsConfig().limit_notice
 OPT_OUT_REPLY = LimitsConfig().opt_out_reply
 OTHER = "15550004444"
 
 
 def _router(seen: list[str]) -> Router:
-    router = Router("abuse")
+    router = Router("consent")
 
     @router.default
     async def answer(message: Message, ctx: Context) -> None:
@@ -59,118 +59,6 @@ def _texts(db: Path, user: str = payloads.USER) -> list[str]:
 
 def _state(db: Path, event_id: str) -> str:
     return str(db_rows(db, "SELECT state FROM inbox WHERE event_id = ?", (event_id,))[0][0])
-
-
-# ---------------------------------------------------------------------------- the inbound limit, end to end
-
-
-async def test_a_burst_over_the_limit_is_kept_but_not_handled_with_one_notice(
-    aiohttp_client: Any, tmp_path: Path
-) -> None:
-    seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, **LIMITS)
-    burst = [payloads.text(f"m{i}", id=f"wamid.L{i}", timestamp=str(T0 + i * 5)) for i in range(5)]
-    await _send(client, db, *burst)
-
-    states = {r[0]: r[1] for r in db_rows(db, "SELECT event_id, state FROM inbox")}
-    assert sorted(states.values()) == ["handled"] * 3 + ["limited"] * 2
-    assert len(seen) == 3
-    assert {i for i, s in states.items() if s == "limited"}.isdisjoint(seen)
-    texts = _texts(db)
-    assert texts.count(NOTICE) == 1, texts
-    assert sorted(seen) == ["wamid.L0", "wamid.L1", "wamid.L2"]  # the first three the user wrote
-    assert sorted(t for t in texts if t != NOTICE) == ["ok m0", "ok m1", "ok m2"]
-    rows = db_rows(db, "SELECT source_event_id, payload FROM outbox WHERE type = 'text'")
-    [notice_for] = [r[0] for r in rows if json.loads(r[1])["text"]["body"] == NOTICE]
-    assert states[notice_for] == "limited"
-
-    # Another user in the same minute is not affected.
-    await _send(client, db, payloads.text("hello", id="wamid.OTHER1", sender=OTHER, timestamp=str(T0 + 20)))
-    assert _state(db, "wamid.OTHER1") == "handled"
-    assert _texts(db, OTHER) == ["ok hello"]
-
-    # Still inside the window: limited again, and no second notice.
-    await _send(client, db, payloads.text("m5", id="wamid.L5", timestamp=str(T0 + 30)))
-    assert _state(db, "wamid.L5") == "limited"
-    assert _texts(db).count(NOTICE) == 1
-
-    # A window after the burst the user is answered again.
-    await _send(client, db, payloads.text("later", id="wamid.L6", timestamp=str(T0 + 30 + 60)))
-    assert _state(db, "wamid.L6") == "handled"
-    assert _texts(db)[-1] == "ok later"
-
-
-async def test_the_limit_is_off_with_zero(aiohttp_client: Any, tmp_path: Path) -> None:
-    seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=0)
-    await _send(client, db, *[payloads.text(f"m{i}", id=f"wamid.Z{i}", timestamp=str(T0)) for i in range(30)])
-    assert len(seen) == 30
-    assert db_rows(db, "SELECT COUNT(*) FROM inbox WHERE state = 'limited'")[0][0] == 0
-
-
-async def test_no_notice_when_configured_empty(aiohttp_client: Any, tmp_path: Path) -> None:
-    seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=1, limit_notice="")
-    await _send(client, db, *[payloads.text(f"m{i}", id=f"wamid.Q{i}", timestamp=str(T0)) for i in range(3)])
-    assert len(seen) == 1
-    assert _texts(db) == [f"ok {db_rows(db, 'SELECT text FROM inbox WHERE state = ?', ('handled',))[0][0]}"]
-
-
-# ---------------------------------------------------------------------------- InboundLimiter (unit)
-
-
-def test_limiter_counts_per_window_by_message_time() -> None:
-    limiter = InboundLimiter(3, 60, clock=lambda: 0.0)
-    verdicts = [limiter.check("home", "u", T0 + t) for t in (0, 10, 20, 30, 40)]
-    assert [(v.allowed, v.notify) for v in verdicts] == [
-        (True, False),
-        (True, False),
-        (True, False),
-        (False, True),
-        (False, False),
-    ]
-    # 60 s after the first message it leaves the window, but the limited ones still count.
-    assert not limiter.check("home", "u", T0 + 60).allowed
-    # A whole window after the last message: allowed again.
-    assert limiter.check("home", "u", T0 + 60 + 60).allowed
-
-
-def test_limiter_judges_a_replayed_backlog_by_when_users_wrote() -> None:
-    limiter = InboundLimiter(2, 60, clock=lambda: 0.0)
-    # Messages written an hour apart, handled in one go after an outage: none is limited.
-    assert all(limiter.check("home", "u", T0 + 3600 * i).allowed for i in range(10))
-
-
-def test_limiter_separates_users_and_tenants() -> None:
-    limiter = InboundLimiter(1, 60, clock=lambda: 0.0)
-    assert limiter.check("home", "a", T0).allowed
-    assert not limiter.check("home", "a", T0 + 1).allowed
-    assert limiter.check("home", "b", T0 + 1).allowed
-    assert limiter.check("biz", "a", T0 + 1).allowed
-
-
-def test_limiter_notifies_once_per_window() -> None:
-    limiter = InboundLimiter(1, 60, clock=lambda: 0.0)
-    notices = [limiter.check("home", "u", T0 + t).notify for t in range(0, 200, 10)]
-    # over the limit from t=10; notices at 10, 70, 130, 190 (one per 60 s of flooding)
-    assert [t for t, n in zip(range(0, 200, 10), notices, strict=True) if n] == [10, 70, 130, 190]
-
-
-def test_limiter_disabled_with_zero() -> None:
-    limiter = InboundLimiter(0, 60, clock=lambda: 0.0)
-    assert all(limiter.check("home", "u", T0).allowed for _ in range(100))
-    assert limiter.tracked == 0
-
-
-def test_limiter_forgets_quiet_users() -> None:
-    now = [0.0]
-    limiter = InboundLimiter(5, 60, clock=lambda: now[0])
-    limiter.check("home", "quiet", T0)
-    limiter.check("home", "busy", T0 + 400)
-    assert limiter.tracked == 2
-    now[0] = PRUNE_EVERY + 1
-    limiter.check("home", "busy", T0 + 401)
-    assert limiter.tracked == 1  # "quiet" wrote more than a window before: forgotten
 
 
 # ---------------------------------------------------------------------------- opt-out
@@ -251,6 +139,90 @@ async def test_custom_opt_out_words_and_silent_opt_out(aiohttp_client: Any, tmp_
     assert [tuple(r) for r in db_rows(db, "SELECT tenant, user FROM optouts")] == [("home", payloads.USER)]
     assert _texts(db) == []  # no opt-out reply configured
     assert _texts(db, OTHER) == ["ok STOP"]
+
+
+async def test_writing_lifts_an_opt_out_even_when_the_bot_fails(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The consent verdict is taken before the bot runs: a failing handler does not undo it."""
+    cfg = make_config(tmp_path)
+    router = Router("broken")
+
+    @router.default
+    async def broken(message: Message, ctx: Context) -> None:
+        raise RuntimeError("bot bug")
+
+    client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers={"home": router}))
+    db = Path(cfg.storage.path)
+    await _send(client, db, payloads.text("STOP", id="wamid.F1"))
+    assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 1
+    await _send(client, db, payloads.text("hello?", id="wamid.F2"))
+    assert _state(db, "wamid.F2") == "failed"
+    assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 0
+    assert (await _api_send(client)).status == 202
+
+
+async def test_a_limited_message_does_not_lift_an_opt_out(aiohttp_client: Any, tmp_path: Path) -> None:
+    """Consent runs before the limit (STOP is never counted), and a message kept as `limited` was
+    not acted on: it says nothing about consent, so the opt-out holds."""
+    seen: list[str] = []
+    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=1, inbound_window_seconds=60)
+    await _send(client, db, payloads.text("first", id="wamid.LO1", timestamp=str(T0)))
+    await _send(client, db, payloads.text("STOP", id="wamid.LO2", timestamp=str(T0 + 1)))
+    await _send(client, db, payloads.text("more", id="wamid.LO3", timestamp=str(T0 + 2)))
+    assert [_state(db, f"wamid.LO{i}") for i in (1, 2, 3)] == ["handled", "handled", "limited"]
+    assert seen == ["wamid.LO1"]
+    assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 1
+    assert (await _api_send(client)).status == 409
+
+
+def _ctx(raw: dict[str, Any]) -> Context:
+    return Context(tenant="home", phone_number_id=payloads.PNID, message=_msg(raw), contact=None)
+
+
+def _bodies(ctx: Context) -> list[str]:
+    return [json.loads(r.payload)["text"]["body"] for r in ctx.replies]
+
+
+async def test_the_consent_middleware_answers_opt_outs_itself_and_records_each_verdict() -> None:
+    seen: list[str] = []
+    counts: Counter[str] = Counter()
+    mounted = _router(seen).mount(outer=[consent_middleware(LimitsConfig(), counts)])
+    verdicts = {}
+    for raw in (
+        payloads.text("Stop.", id="wamid.V1"),
+        payloads.text("hi", id="wamid.V2"),
+        dict(payloads.SAMPLES["reaction"], id="wamid.V3"),
+    ):
+        ctx = _ctx(raw)
+        await mounted.handle(ctx.message, ctx)
+        verdicts[ctx.message.id] = (ctx.consent, _bodies(ctx))
+    assert verdicts == {
+        "wamid.V1": ("out", [OPT_OUT_REPLY]),  # answered here: the bot never sees it
+        "wamid.V2": ("in", ["ok hi"]),
+        "wamid.V3": (None, ["ok None"]),  # a reaction neither opts out nor lifts an opt-out
+    }
+    assert seen == ["wamid.V2", "wamid.V3"]
+    assert counts == {"opted_out": 1}
+
+
+async def test_consent_then_limit_in_the_dispatchers_order() -> None:
+    seen: list[str] = []
+    limiter = InboundLimiter(1, 60, clock=lambda: 0.0)
+    limits = LimitsConfig(inbound_per_user=1)
+    builtins = [consent_middleware(limits, Counter()), limit_middleware(limiter, limits)]
+    mounted = _router(seen).mount(outer=builtins)
+    outcomes = []
+    for i, text in enumerate(["one", "two", "STOP", "three"]):
+        ctx = _ctx(payloads.text(text, id=f"wamid.CL{i}", timestamp=str(T0 + i)))
+        await mounted.handle(ctx.message, ctx)
+        outcomes.append((text, ctx.consent, ctx.limited, _bodies(ctx)))
+    notice = limits.limit_notice
+    assert outcomes == [
+        ("one", "in", False, ["ok one"]),
+        ("two", None, True, [notice]),  # limited: no verdict on consent
+        ("STOP", "out", False, [OPT_OUT_REPLY]),  # an opt-out is honoured whatever the limit says
+        ("three", None, True, []),  # one notice per window
+    ]
+    assert seen == ["wamid.CL0"]
 
 
 def _msg(raw: dict[str, Any]) -> Message:

@@ -1,30 +1,28 @@
-"""Abuse and consent: the per-user inbound limit, the opt-out words, and what ends an opt-out.
+"""The per-user inbound limit: `InboundLimiter` (pure, clock-injected) and its built-in middleware.
 
 The limit counts messages by Meta's own `timestamp`, not by when we handle them: a backlog
 replayed after a restart or an outage is judged by when the user really wrote, so a burst of
 old messages is not punished twice and a real flood is caught however slowly we drain it.
+
+The middleware runs right after consent (an opt-out word is never counted) and before the bot's
+own middleware and routes; a message over the limit is kept (inbox state `limited`), not handled.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from alfred_bot.config import LimitsConfig
-from alfred_bot.models import (
-    AudioMessage,
-    ButtonMessage,
-    ContactsMessage,
-    DocumentMessage,
-    ImageMessage,
-    InteractiveMessage,
-    LocationMessage,
-    Message,
-    OrderMessage,
-    StickerMessage,
-    TextMessage,
-    VideoMessage,
-)
+from alfred_bot.models import Message
+
+if TYPE_CHECKING:
+    from alfred_bot.context import Context
+    from alfred_bot.router import Middleware, Next
+
+log = logging.getLogger("alfred.limits")
 
 PRUNE_EVERY = 300.0
 PRUNE_SIZE = 50_000  # also prune when this many users are tracked
@@ -88,43 +86,20 @@ class InboundLimiter:
         return len(self._seen)
 
 
-def is_opt_out(message: Message, limits: LimitsConfig) -> bool:
-    """A STOP-like text (whole message, any case) or a template button with an opt-out payload."""
-    if isinstance(message, ButtonMessage):
-        return message.button.payload is not None and message.button.payload in limits.opt_out_payloads
-    if message.type != "text" or message.text is None:
-        return False
-    word = message.text.strip().rstrip(".!").strip().casefold()
-    return any(word == k.strip().casefold() for k in limits.opt_out_keywords)
+def limit_middleware(limiter: InboundLimiter, limits: LimitsConfig) -> Middleware:
+    """The built-in limit step: over the limit, the message is kept but not handled (`ctx.limited`),
+    with `limits.limit_notice` at most once per window; it then says nothing about consent either
+    (a message we did not act on does not lift an opt-out)."""
 
+    async def limit(message: Message, ctx: Context, call_next: Next) -> Any:
+        verdict = limiter.check(ctx.tenant, ctx.recipient, float(message.timestamp))
+        if verdict.allowed:
+            return await call_next()
+        ctx.limited = True
+        ctx.consent = None
+        if verdict.notify and limits.limit_notice.strip():
+            ctx.reply(limits.limit_notice[:4096])
+        log.warning("message %s: user over the inbound limit (tenant %s), kept but not handled", message.id, ctx.tenant)
+        return None
 
-#: Messages the user writes or sends on purpose. Deliberately absent: reactions, revokes and
-#: edits (they change an earlier message, they do not write to us again), system notices (a
-#: number change), `unsupported` / `unknown` and any type we cannot read (we cannot tell what the
-#: user did), `request_welcome` (opening the chat is not a request for messages).
-_WRITTEN = (
-    TextMessage,
-    ImageMessage,
-    AudioMessage,
-    VideoMessage,
-    DocumentMessage,
-    StickerMessage,
-    LocationMessage,
-    ContactsMessage,
-    ButtonMessage,
-    OrderMessage,
-)
-#: Taps on our interactive messages: reply buttons, list rows, a completed flow. Not a
-#: `call_permission_reply`: accepting calls says nothing about wanting messages again.
-_TAPPED = frozenset({"button_reply", "list_reply", "nfm_reply"})
-
-
-def ends_opt_out(message: Message) -> bool:
-    """True when this message means the user wants to hear from us again (lifts an opt-out).
-
-    Judged by the decoded class, never by the `type` string: a message kept with a parse error
-    is an `UnknownMessage` whatever type it claims, and never ends an opt-out.
-    """
-    if isinstance(message, InteractiveMessage):
-        return message.interactive.type in _TAPPED
-    return isinstance(message, _WRITTEN)
+    return limit
