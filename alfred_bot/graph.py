@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from alfred_bot import logs, tracing
 from alfred_bot.config import GraphConfig
 from alfred_bot.media import DEFAULT_DOWNLOAD_HOSTS, MediaError, MediaFile, MediaInfo, limit_for, target_path
 from alfred_bot.outbound.decide import Decision, Outcome, decide, transport_failure
@@ -129,6 +130,25 @@ class GraphTransport:
         return self._session
 
     async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
+        """`_post_message`, inside a `send` span when tracing is on (under the `webhook` span of
+        the trace id the lane worker bound; attributes from the bound ids, never the recipient)."""
+        if not tracing.on():
+            return await self._post_message(phone_number_id, payload, on_wire)
+        trace_id = logs.TRACE_ID.get()
+        attrs = send_attributes(payload)
+        with tracing.follow("send", trace_id, attrs) if trace_id else tracing.child("send", attrs) as span:
+            decision = await self._post_message(phone_number_id, payload, on_wire)
+            tracing.annotate(
+                span,
+                {
+                    "http.response.status_code": decision.http_status,
+                    "alfred.error_code": decision.code,
+                    "alfred.outcome": str(decision.outcome),
+                },
+            )
+        return decision
+
+    async def _post_message(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None) -> Decision:
         url = f"{self._base}/{phone_number_id}/messages"
         try:
             async with self._client().post(
@@ -182,7 +202,7 @@ class GraphTransport:
 
     async def _fetch_to(self, phone_number_id: str, info: MediaInfo, dest: Path, limit: int) -> int:
         """Stream the bytes to a temporary file, cut at `limit`, check sha256, then rename."""
-        url = self._media_url(info.url)
+        url = media_url(info.url, self._base_origin, self._download_hosts)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_suffix(dest.suffix + ".part")
         digest, size = hashlib.sha256(), 0
@@ -204,26 +224,6 @@ class GraphTransport:
             partial.unlink(missing_ok=True)
         return size
 
-    def _media_url(self, raw: str) -> URL:
-        """The media URL Graph gave, if the bearer token may go there: the Graph API's own origin
-        (scheme, host and port of `graph.base_url`, e.g. a local fake), or https on a host of
-        `media.download_hosts` (Meta's CDN).
-
-        A URL elsewhere (a compromised or spoofed answer, a proxy in between) is refused, never
-        fetched: the token would be handed to whoever runs that host.
-        """
-        url = URL(raw)
-        if url.is_absolute() and url.scheme in ("http", "https") and url.origin() == self._base_origin:
-            return url
-        if url.scheme != "https" or not url.is_absolute():
-            raise MediaError("media url must be https (the bearer token is never sent in clear to another host)")
-        if not host_allowed(url.host, self._download_hosts):
-            raise MediaError(
-                f"media url host {str(url.host)[:100]!r} is not one of Meta's media hosts (media.download_hosts): "
-                "not fetched, the access token is only sent to Meta"
-            )
-        return url
-
     async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
         form = aiohttp.FormData()
         form.add_field("messaging_product", "whatsapp")
@@ -243,6 +243,45 @@ class GraphTransport:
         if not media_id:
             raise MediaError("upload: Graph answered without a media id")
         return media_id
+
+
+def media_url(raw: str, base_origin: URL, download_hosts: Sequence[str]) -> URL:
+    """The media URL Graph gave, if the bearer token may go there: the Graph API's own origin
+    (`base_origin`: scheme, host and port of `graph.base_url`, e.g. a local fake), or https on a
+    host of `download_hosts` (`media.download_hosts`, Meta's CDN).
+
+    A URL elsewhere (a compromised or spoofed answer, a proxy in between) is refused, never
+    fetched: the token would be handed to whoever runs that host.
+    """
+    url = URL(raw)
+    if url.is_absolute() and url.scheme in ("http", "https") and url.origin() == base_origin:
+        return url
+    if url.scheme != "https" or not url.is_absolute():
+        raise MediaError("media url must be https (the bearer token is never sent in clear to another host)")
+    if not host_allowed(url.host, download_hosts):
+        raise MediaError(
+            f"media url host {str(url.host)[:100]!r} is not one of Meta's media hosts (media.download_hosts): "
+            "not fetched, the access token is only sent to Meta"
+        )
+    return url
+
+
+class _Shape(msgspec.Struct):
+    """The one field of a Cloud API message body a span may name: its type (a receipt has none)."""
+
+    type: str | None = None
+    status: str | None = None
+
+
+def send_attributes(payload: bytes) -> dict[str, str]:
+    """Tenant, outbox id (both bound by the lane worker) and message type of one send."""
+    try:
+        shape = msgspec.json.decode(payload, type=_Shape)
+        kind = shape.type or shape.status or "?"
+    except msgspec.DecodeError:
+        kind = "?"
+    tenant, outbox_id = logs.TENANT.get() or "", logs.MESSAGE_ID.get() or ""
+    return {"alfred.tenant": tenant, "alfred.outbox_id": outbox_id, "alfred.type": kind}
 
 
 def _json_field(body: bytes, key: str) -> str | None:

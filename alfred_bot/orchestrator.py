@@ -20,15 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
+from alfred_bot import tracing
 from alfred_bot.config import OrchestratorConfig
 from alfred_bot.logs import new_trace_id
-from alfred_bot.metrics import Metrics
 from alfred_bot.models import Message
+from alfred_bot.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from alfred_bot.context import Context
@@ -92,12 +95,18 @@ class _Retryable(Exception):
 class Orchestrator:
     """One HTTP client to the orchestrator, shared by all dispatch workers."""
 
-    def __init__(self, cfg: OrchestratorConfig, api_key: str | None, metrics: Metrics | None = None) -> None:
-        self._metrics = metrics or Metrics()
+    def __init__(self, cfg: OrchestratorConfig, api_key: str | None, telemetry: Telemetry | None = None) -> None:
+        self._telemetry = telemetry or Telemetry()
+        self._metrics = self._telemetry.metrics
+        self._counts = self._telemetry.orchestrator
         self._cfg = cfg
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
-        self.counts: Counter[str] = Counter()
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Requests, retries, failures… (read-only; the numbers live in the telemetry object)."""
+        return MappingProxyType(self._counts)
 
     @property
     def enabled(self) -> bool:
@@ -119,19 +128,20 @@ class Orchestrator:
         """POST `request` (see `envelope`); the answer's text, or OrchestratorError after the retries."""
         if self._session is None:
             raise OrchestratorError("the orchestrator is not configured")
-        self.counts["requests"] += 1
+        self._counts["requests"] += 1
         body = msgspec.json.encode(request)
         headers = {
             "Content-Type": "application/json",
             "Accept-Encoding": "identity",
             "X-Trace-Id": str(request.get("trace_id", "")),
         }
+        tracing.inject(headers)  # W3C `traceparent` of the `orchestrator` span, when tracing is on
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         problem = "no attempt made"
         for attempt in range(self._cfg.retries + 1):
             if attempt:
-                self.counts["retries"] += 1
+                self._counts["retries"] += 1
                 self._metrics.orchestrator.labels("retry").inc()
                 await asyncio.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
             try:
@@ -149,7 +159,7 @@ class Orchestrator:
         raise OrchestratorError(f"{problem} (after {self._cfg.retries + 1} attempts)")
 
     def _failed(self) -> None:
-        self.counts["failures"] += 1
+        self._counts["failures"] += 1
         self._metrics.orchestrator.labels("failed").inc()
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> str:
@@ -157,7 +167,7 @@ class Orchestrator:
             async with session.post(self._cfg.url, data=body, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 if 300 <= status < 400:
-                    self.counts["redirects_refused"] += 1
+                    self._counts["redirects_refused"] += 1
                     raise OrchestratorError(f"HTTP {status}: redirects are not followed")
                 raw = await self._read_capped(resp) if status < 400 else b""
         except TimeoutError:
@@ -174,14 +184,14 @@ class Orchestrator:
         """The body, or OrchestratorError once it passes `max_answer_bytes` (never held whole)."""
         cap = self._cfg.max_answer_bytes
         if resp.content_length is not None and resp.content_length > cap:
-            self.counts["answers_too_large"] += 1
+            self._counts["answers_too_large"] += 1
             raise OrchestratorError(f"the answer is larger than orchestrator.max_answer_bytes ({cap} bytes)")
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(READ_CHUNK):
             size += len(chunk)
             if size > cap:
-                self.counts["answers_too_large"] += 1
+                self._counts["answers_too_large"] += 1
                 raise OrchestratorError(f"the answer is larger than orchestrator.max_answer_bytes ({cap} bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -202,7 +212,8 @@ def orchestrator_fallback(
     async def ask_orchestrator(message: Message, ctx: Context) -> None:
         ctx.mark_read(typing=True)
         try:
-            answer = await orchestrator.ask(_request(message, ctx))
+            with tracing.child("orchestrator", {"alfred.tenant": ctx.tenant}):
+                answer = await orchestrator.ask(_request(message, ctx))
         except OrchestratorError as exc:
             log.error("orchestrator failed for %s (tenant %s): %s", message.id, ctx.tenant, exc)
             counts["orchestrator_failed"] += 1

@@ -16,7 +16,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from alfred_bot import keys
+from alfred_bot import keys, tracing
 from alfred_bot.config import Secrets
 from alfred_bot.logs import RateLimit, bound, new_trace_id
 from alfred_bot.metrics import event_field_label, message_type_label
@@ -49,8 +49,7 @@ _REFUSALS = RateLimit(per_minute=30)
 
 def _refuse(request: web.Request, status: int, reason: str, *, close: bool = False) -> web.Response:
     """Count, log (rate-limited) and answer a refusal; `close` when the body was left unread."""
-    request.app[keys.STATS][f"webhook_{status}"] += 1
-    request.app[keys.METRICS].webhook_requests.labels(str(status)).inc()
+    request.app[keys.TELEMETRY].webhook_answered(status)
     allowed, missed = _REFUSALS.allow()
     if allowed:
         more = f" ({missed} more refusals not logged in the last minute)" if missed else ""
@@ -139,11 +138,12 @@ async def receive(request: web.Request) -> web.Response:
     trace id: the caller's `X-Trace-Id` when sane, else a new one; it is echoed in the answer.
     """
     trace_id = new_trace_id(request.headers.get("X-Trace-Id"))
-    with bound(trace_id=trace_id):
+    with bound(trace_id=trace_id), tracing.root("webhook", trace_id, {}) as span:
         if request.app[keys.DRAINING].is_set():
             response = _refuse(request, 503, "shutting down: Meta will redeliver")
         else:
             response = await _receive(request, trace_id)
+        tracing.annotate(span, {"http.response.status_code": response.status})
     response.headers["X-Trace-Id"] = trace_id
     return response
 
@@ -202,7 +202,9 @@ def _outside_scope(parsed: ParsedBody, scopes: set[str | None], own: frozenset[s
 async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
     app = request.app
     try:
-        fresh = await app[keys.STORE].ingest(parsed)
+        with tracing.child("commit", {"alfred.updates": len(parsed.messages) + len(parsed.statuses)}) as span:
+            fresh = await app[keys.STORE].ingest(parsed)
+            tracing.annotate(span, {"alfred.fresh": len(fresh)})
     except StoreError as exc:
         log.error("webhook not stored, Meta will retry: %s", exc)
         return _refuse(request, 503, "temporarily unable to store the update")
@@ -210,22 +212,20 @@ async def _store(request: web.Request, parsed: ParsedBody) -> web.Response:
         log.exception("webhook not stored (unexpected error), Meta will retry")
         return _refuse(request, 503, "temporarily unable to store the update")
     app[keys.DISPATCHER].offer(fresh)
-    meters, metrics = app[keys.METERS], app[keys.METRICS]
+    telemetry = app[keys.TELEMETRY]
     for item in fresh:
         if isinstance(item, InboundItem):
-            meters.received(item.tenant)
-            metrics.inbound_messages.labels(item.tenant or "", message_type_label(item.message.type)).inc()
+            telemetry.received(item.tenant, item.message.type)
     _count(app, parsed, sum(1 for item in fresh if isinstance(item, InboundItem)))
     return web.Response(text="OK")
 
 
 def _count(app: web.Application, parsed: ParsedBody, fresh: int) -> None:
-    metrics = app[keys.METRICS]
-    metrics.webhook_requests.labels("200").inc()
+    telemetry = app[keys.TELEMETRY]
+    telemetry.webhook_answered(200)
+    metrics, stats = telemetry.metrics, telemetry.webhook
     for event in parsed.events:
         metrics.events.labels(event.tenant or "", event_field_label(event.field)).inc()
-    stats = app[keys.STATS]
-    stats["webhook_200"] += 1
     stats["messages_new"] += fresh
     broken = [m for m in parsed.messages if m.parse_error is not None]
     for item in broken:  # stored and routed as unknown; counted per delivery (a redelivery counts again)
