@@ -19,7 +19,7 @@ from alfred_bot import __version__, keys
 from alfred_bot.config import Config
 from alfred_bot.media import MediaError, check_upload, kind_for
 from alfred_bot.security import api_token_of, token_ok
-from alfred_bot.status import authorized, collect
+from alfred_bot.status import authorized, collect, health
 from alfred_bot.store import OutboxRow, StoreError, new_outbox_id
 from alfred_bot.validate import InvalidMessage, addressee, is_group, validate_send
 
@@ -79,15 +79,13 @@ async def read_json(request: web.Request) -> Any:
 async def healthz(request: web.Request) -> web.Response:
     """200 while the store answers and handler workers run; 503 otherwise (for probes)."""
     app = request.app
-    dispatcher = app[keys.DISPATCHER]
-    store, sender = app[keys.STORE], app[keys.SENDER]
-    store_ok = await store.healthy()
-    draining = app[keys.DRAINING].is_set()
-    ok = store_ok and dispatcher.running and sender.running and not draining
+    dispatcher, sender, store = app[keys.DISPATCHER], app[keys.SENDER], app[keys.STORE]
+    telemetry = app[keys.TELEMETRY]
+    state = await health(app)
+    store_ok = state.store_ok
     outbox = await store.outbox_counts() if store_ok else {}
-    stats: dict[str, int] = dict(app[keys.STATS].items())
     body = {
-        "status": "ok" if ok else ("draining" if draining else "unavailable"),
+        "status": state.status,
         "mode": app[keys.SECRETS].mode,
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
@@ -97,7 +95,7 @@ async def healthz(request: web.Request) -> web.Response:
             "queue": dispatcher.queue.qsize(),
             "queue_size": dispatcher.queue.maxsize,
             "backlog": dispatcher.backlog,
-            **dispatcher.counts,
+            **telemetry.dispatch,
         },
         "sender": {
             "running": sender.running,
@@ -105,12 +103,12 @@ async def healthz(request: web.Request) -> web.Response:
             "queue": sender.queued,
             # open endpoint: kind and code only; the reason is in the authenticated /api/tenants
             "paused": {name: {"kind": p.kind, "code": p.code, "since": p.since} for name, p in sender.pauses.items()},
-            **sender.counts,
+            **telemetry.sender,
         },
         "outbox": outbox,
-        "webhook": stats,
+        "webhook": dict(telemetry.webhook),
     }
-    return json_response(body, 200 if ok else 503)
+    return json_response(body, 200 if state.status == "ok" else 503)
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -413,7 +411,7 @@ async def metrics(request: web.Request) -> web.Response:
     The text is built in a worker thread (`Metrics.scrape`) so a large registry never stalls webhooks.
     """
     app = request.app
-    m, sender = app[keys.METRICS], app[keys.SENDER]
+    m, sender = app[keys.TELEMETRY].metrics, app[keys.SENDER]
     if await app[keys.STORE].healthy():
         for tenant, states in (await app[keys.STORE].outbox_by_tenant()).items():
             for state, count in states.items():

@@ -11,26 +11,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from alfred_bot import api, hosts, keys, logs, privacy, statuspage, webhook
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+from alfred_bot import api, hosts, keys, logs, privacy, statuspage, tracing, webhook
 from alfred_bot.config import Config, Secrets
 from alfred_bot.context import Services
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import GraphTransport, SandboxTransport, Transport
 from alfred_bot.loader import routers_for
-from alfred_bot.meters import Meters
-from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
 from alfred_bot.outbound.sender import Sender
 from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget, Redactor, identity_encoding
 from alfred_bot.store import Store, StoreError, make_store
+from alfred_bot.telemetry import Telemetry
 
 log = logging.getLogger("alfred.app")
 
@@ -42,8 +44,12 @@ def create_app(
     store: Store | None = None,
     routers: dict[str, Router] | None = None,
     transport: Transport | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> web.Application:
-    """Build the aiohttp app; store, routers and transport can be injected (tests, other engines)."""
+    """Build the aiohttp app; store, routers and transport can be injected (tests, other engines).
+
+    Tracing follows the `OTEL_*` variables (off by default); a `span_exporter` turns it on and
+    receives every span as it ends (tests use the SDK's in-memory exporter)."""
     host_check = hosts.make_host_check(cfg.server.public_hosts, cfg.server.host)  # first: DNS rebinding
     app = web.Application(
         client_max_size=cfg.webhook.max_body_bytes,
@@ -57,7 +63,6 @@ def create_app(
     app[keys.ROUTERS] = routers if routers is not None else routers_for(cfg)
     app[keys.TENANTS] = cfg.tenant_by_phone_number_id()
     app[keys.WABAS] = cfg.tenant_by_waba_id()
-    app[keys.STATS] = Counter()
     app[keys.STARTED_AT] = time.time()
     hook = cfg.webhook
     app[keys.BODY_BUDGET] = BodyBudget(
@@ -65,8 +70,7 @@ def create_app(
     )
     redactor = Redactor(secrets.values())
     app[keys.TRANSPORT] = transport or _transport(cfg, secrets, redactor)
-    app[keys.METRICS] = Metrics()
-    app[keys.METERS] = Meters(list(cfg.tenants))
+    app[keys.TELEMETRY] = Telemetry(cfg.tenants)
     app[keys.DRAINING] = asyncio.Event()
     _add_workers(app, cfg, secrets)
     _add_routes(app)
@@ -75,6 +79,7 @@ def create_app(
     app.on_shutdown.append(_drain)
     logs.quiet_bad_requests()
     app.cleanup_ctx.append(_redaction_ctx(redactor))
+    app.cleanup_ctx.append(tracing.lifecycle(span_exporter))  # before the workers: flushed after they stop
     for ctx in (_store_ctx, _sender_ctx, _dispatcher_ctx, _retention_ctx):
         app.cleanup_ctx.append(ctx)
     return app
@@ -122,14 +127,13 @@ def _redaction_ctx(redactor: Redactor) -> Callable[[web.Application], AsyncItera
 
 
 def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
-    """Sender, orchestrator client and dispatcher, sharing the store, transport and metrics."""
-    store, transport, metrics = app[keys.STORE], app[keys.TRANSPORT], app[keys.METRICS]
+    """Sender, orchestrator client and dispatcher, sharing the store, transport and telemetry."""
+    store, transport, telemetry = app[keys.STORE], app[keys.TRANSPORT], app[keys.TELEMETRY]
     # tenants with their own token form their own group; the rest share the global token
     own = secrets.tenant_tokens
     groups = {name: (t.access_token_env or "") if name in own else "" for name, t in cfg.tenants.items()}
-    app[keys.SENDER] = sender = Sender(store, transport, cfg, token_groups=groups, metrics=metrics)
-    sender.on_sent = app[keys.METERS].sent
-    app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(cfg.orchestrator, secrets.orchestrator_key, metrics)
+    app[keys.SENDER] = sender = Sender(store, transport, cfg, token_groups=groups, telemetry=telemetry)
+    app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(cfg.orchestrator, secrets.orchestrator_key, telemetry)
     services = Services(store, transport, cfg.media_dir(), cfg.media.max_download_bytes)
     routers: dict[str, Router] = app[keys.ROUTERS]
     app[keys.DISPATCHER] = Dispatcher(
@@ -139,7 +143,7 @@ def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
         on_replies=sender.wake,
         orchestrator=orchestrator,
         services=services,
-        metrics=metrics,
+        telemetry=telemetry,
     )
 
 

@@ -22,8 +22,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
 
+from alfred_bot import tracing
 from alfred_bot.config import Config, DispatchConfig
 from alfred_bot.consent import consent_middleware
 from alfred_bot.context import Context, Services, StatusContext
@@ -37,6 +39,7 @@ from alfred_bot.parse import InboundItem, StatusItem
 from alfred_bot.router import Middleware, Next, Router
 from alfred_bot.store import Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
 from alfred_bot.tasks import stop_workers
+from alfred_bot.telemetry import Telemetry
 
 log = logging.getLogger("alfred.dispatch")
 
@@ -64,13 +67,14 @@ class Dispatcher:
         on_replies: Callable[[], None] | None = None,
         orchestrator: Orchestrator | None = None,
         services: Services | None = None,
-        metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        self.counts: Counter[str] = Counter(handled=0, failed=0, overflow=0, recovered=0)
+        self._telemetry = telemetry or Telemetry(cfg.tenants)
+        counts = self._telemetry.dispatch
         self._store = store
         self._cfg = cfg.dispatch
-        self._routers = mount_routers(routers, cfg, self.counts, orchestrator, metrics or Metrics())
-        self._runner = Runner(store, self._routers, cfg.dispatch, self.counts, services=services, on_replies=on_replies)
+        self._routers = mount_routers(routers, cfg, counts, orchestrator, self._telemetry.metrics)
+        self._runner = Runner(store, self._routers, cfg.dispatch, counts, services=services, on_replies=on_replies)
         self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
             cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
         )
@@ -92,6 +96,11 @@ class Dispatcher:
     @property
     def running(self) -> bool:
         return bool(self._tasks) and all(not t.done() for t in self._tasks) and not self._stopping
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Messages handled, failed, recovered… (read-only; the numbers live in the telemetry object)."""
+        return MappingProxyType(self._telemetry.dispatch)
 
     @property
     def backlog(self) -> bool:
@@ -118,7 +127,7 @@ class Dispatcher:
             try:
                 self.queue.put_nowait(item.tenant or "", item)
             except asyncio.QueueFull:
-                self.counts["overflow"] += 1
+                self._telemetry.dispatch["overflow"] += 1
                 self._backlog.set()
             else:
                 self._inflight.add(item.key)
@@ -130,7 +139,7 @@ class Dispatcher:
         try:
             self.queue.put_nowait(item.tenant or "", item)
         except asyncio.QueueFull:
-            self.counts["status_dropped"] += 1
+            self._telemetry.dispatch["status_dropped"] += 1
 
     async def _catch_up(self) -> None:
         while True:
@@ -166,7 +175,7 @@ class Dispatcher:
             if event_id in self._inflight or event_id in done:
                 continue
             self._inflight.add(event_id)
-            self.counts["recovered"] += 1
+            self._telemetry.dispatch["recovered"] += 1
             await self.queue.put(pending.item.tenant or "", pending.item)
         return batch[-1].seq
 
@@ -191,7 +200,9 @@ class Dispatcher:
     async def _guarded(self, item: InboundItem) -> None:
         trace_id = item.trace_id or new_trace_id()
         try:
-            with bound(trace_id=trace_id, tenant=item.tenant, message_id=item.message.id):
+            with bound(trace_id=trace_id, tenant=item.tenant, message_id=item.message.id), tracing.follow(
+                "handler", trace_id, {"alfred.tenant": item.tenant or "", "alfred.message_type": item.message.type}
+            ):
                 await self._runner.message(item)
         except Exception:  # a bug here must not kill the worker; the message stays pending
             log.exception("dispatch of %s failed; it stays pending", item.message.id)
@@ -275,6 +286,7 @@ class Runner:
             done = await self._run(item)
         finally:
             self._early.cancel(f"{item.tenant}:{item.message.id}")  # the completion carries the receipt
+        tracing.note({"alfred.outcome": done.state, "alfred.replies": len(done.replies)})
         if not await self._commit(done):
             return
         self._counts[done.state] += 1

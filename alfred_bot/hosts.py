@@ -73,7 +73,7 @@ def make_host_check(public_hosts: Iterable[str], listen_host: str) -> Callable[.
         name = host_name(request.headers.get("Host"))
         if name is not None and (name in allowed or is_loopback(name)):
             return await handler(request)
-        request.app[keys.STATS]["host_refused"] += 1
+        request.app[keys.TELEMETRY].webhook["host_refused"] += 1
         now = time.monotonic()
         if now - last_warning[0] >= LOG_EVERY:
             last_warning[0] = now

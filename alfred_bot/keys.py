@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 from aiohttp import web
 
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import Transport
-from alfred_bot.meters import Meters
-from alfred_bot.metrics import Metrics
 from alfred_bot.orchestrator import Orchestrator
 from alfred_bot.outbound.sender import Sender
 from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget
 from alfred_bot.store import Store
+from alfred_bot.telemetry import Telemetry
 
 CONFIG = web.AppKey("config", Config)
 SECRETS = web.AppKey("secrets", Secrets)
@@ -30,11 +28,9 @@ ROUTERS = web.AppKey("routers", dict[str, Router])
 #: phone_number_id -> tenant name, for routing inbound updates.
 TENANTS = web.AppKey("tenants", dict[str, str])
 WABAS = web.AppKey("wabas", dict[str, str])  # WhatsApp Business Account id -> its one tenant
-#: Webhook outcome counters (`webhook_200`, `unrouted`, `skipped`, …) until /metrics exists.
-STATS = web.AppKey("stats", Counter[str])
 STARTED_AT = web.AppKey("started_at", float)
-METERS = web.AppKey("meters", Meters)
-METRICS = web.AppKey("metrics", Metrics)
+#: Every counter, rate, latency window and Prometheus metric of the app (see telemetry.py).
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 RETENTION = web.AppKey("retention", Retention)
 #: Set when shutdown starts: webhooks answer 503 (Meta redelivers) while work drains.
 DRAINING = web.AppKey("draining", asyncio.Event)

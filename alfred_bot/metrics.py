@@ -1,5 +1,5 @@
-"""Prometheus metrics (one registry per app, so tests and two apps in one process never mix) and
-the small in-memory views the status page needs (recent send latencies, errors by code).
+"""Prometheus metrics (one registry per app, so tests and two apps in one process never mix).
+`telemetry.Telemetry` holds one `Metrics` beside the plain counters and the status page's views.
 
 Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
 Gauges that mirror the store (outbox by state) are refreshed when `/metrics` is scraped.
@@ -12,7 +12,6 @@ prometheus_client's metrics lock their values, so rendering beside the loop's up
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -21,7 +20,6 @@ from alfred_bot.models import KNOWN_TYPES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-RECENT = 512  # send latencies kept per tenant for the status page's p50/p95
 
 #: Label values that come from signed bodies are bounded (issue 13 item 9): a known set, else
 #: "other". Every series costs memory for the process's life, and a body signed by a tenant's own
@@ -134,8 +132,6 @@ class Metrics:
         self.orchestrator = PromCounter(
             "alfred_orchestrator_requests", "Orchestrator calls by result", ["result"], registry=r
         )
-        self._latencies: dict[str, deque[float]] = {}
-        self.errors_by_code: dict[str, Counter[str]] = {}
         self._codes: set[str] = set()
 
     def code_label(self, code: int) -> str:
@@ -144,26 +140,6 @@ class Metrics:
         if label not in self._codes and len(self._codes) < MAX_ERROR_CODES:
             self._codes.add(label)
         return label if label in self._codes else OTHER
-
-    # ------------------------------------------------------------------ recording
-
-    def send_done(self, tenant: str, result: str, seconds: float, code: int | None) -> None:
-        """One Graph API call finished with decision `result` after `seconds`."""
-        self.outbound_sends.labels(tenant, result).inc()
-        self.send_latency.labels(tenant).observe(seconds)
-        self._latencies.setdefault(tenant, deque(maxlen=RECENT)).append(seconds)
-        if code is not None:
-            label = self.code_label(code)
-            self.graph_errors.labels(tenant, label).inc()
-            self.errors_by_code.setdefault(tenant, Counter())[label] += 1
-
-    def latency_ms(self, tenant: str) -> dict[str, float] | None:
-        """p50/p95 of the tenant's recent Graph calls, in milliseconds."""
-        recent = list(self._latencies.get(tenant, ()))
-        p50, p95 = percentile(recent, 0.5), percentile(recent, 0.95)
-        if p50 is None or p95 is None:
-            return None
-        return {"p50": round(p50 * 1000, 1), "p95": round(p95 * 1000, 1)}
 
     def render(self) -> bytes:
         """The exposition text, built on the calling thread."""

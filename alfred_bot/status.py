@@ -1,7 +1,8 @@
 """What the status page, `/status.json` and `python main.py status` show: one collector for all three.
 
-Rates over the last minute come from `meters.Meters` (fed by the webhook and the sender), send
-latencies and errors by code from `metrics.Metrics`, the rest from the store. Phone numbers are
+Rates over the last minute, send latencies, errors by code and every counter come from the one
+`telemetry.Telemetry` object, the rest from the store. `health` is what `/healthz` and
+`/status.json` both answer with ("ok / draining / unavailable", decided by `telemetry.health_status`). Phone numbers are
 masked here, once, so no view can forget to; names and texts are left raw for the view to escape.
 
 Two views. The **open** one (no token: anyone who can reach the port) holds counts and states only:
@@ -15,6 +16,7 @@ allow-list, so a field added to a store row later stays out of the open view unt
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +24,7 @@ from aiohttp import web
 from alfred_bot import __version__, attention, keys
 from alfred_bot.privacy import mask
 from alfred_bot.security import api_token_of, token_ok
+from alfred_bot.telemetry import HealthStatus, health_status
 
 DAY = 86400.0
 RECENT = 20
@@ -33,6 +36,23 @@ EVENTS_PER_TENANT = 10
 OPEN_FAILURE = ("tenant", "at")
 OPEN_DEAD_LETTER = ("tenant", "type", "attempts", "error_code", "created_at")
 OPEN_PAUSE = ("kind", "code", "since")
+
+
+@dataclass(frozen=True)
+class Health:
+    """The app's state for probes and the status page."""
+
+    status: HealthStatus
+    store_ok: bool
+    draining: bool
+
+
+async def health(app: web.Application) -> Health:
+    """Ask the store, the workers and the shutdown flag; the one verdict every view shows."""
+    store_ok = await app[keys.STORE].healthy()
+    draining = app[keys.DRAINING].is_set()
+    running = app[keys.DISPATCHER].running and app[keys.SENDER].running
+    return Health(health_status(store_ok=store_ok, workers_running=running, draining=draining), store_ok, draining)
 
 
 def authorized(request: web.Request) -> bool:
@@ -63,21 +83,22 @@ def _delivery(counts: dict[str, int] | None) -> dict[str, Any]:
 def _tenant(
     app: web.Application, name: str, outbox: dict[str, int], delivery: dict[str, int] | None, detailed: bool
 ) -> dict[str, Any]:
-    cfg, sender, meters, metrics = app[keys.CONFIG], app[keys.SENDER], app[keys.METERS], app[keys.METRICS]
+    cfg, sender, telemetry = app[keys.CONFIG], app[keys.SENDER], app[keys.TELEMETRY]
     lanes = app[keys.DISPATCHER].queue
     pause = sender.pauses.get(name)
     paused = {"kind": pause.kind, "reason": pause.reason, "code": pause.code, "since": pause.since} if pause else None
+    inbound, outbound = telemetry.per_minute(name)
     return {
         "name": name,
         **({"handler": cfg.handler_for(name)} if detailed else {}),
         "rate_limit": cfg.outbound.rate_per_second,
-        "inbound_per_minute": meters.inbound[name].last_minute(),
-        "outbound_per_minute": meters.outbound[name].last_minute(),
+        "inbound_per_minute": inbound,
+        "outbound_per_minute": outbound,
         "queue": sender.queue_depths().get(name, 0),
         "dispatch": {"queued": lanes.depths().get(name, 0), "busy": lanes.busy().get(name, 0)},
         "outbox": outbox,
-        "latency_ms": metrics.latency_ms(name),
-        "errors_by_code": dict(metrics.errors_by_code.get(name, {})),
+        "latency_ms": telemetry.latency_ms(name),
+        "errors_by_code": telemetry.errors_by_code(name),
         "paused": (paused if detailed else _only(paused, OPEN_PAUSE)) if paused else None,
         "delivery_24h": _delivery(delivery),
     }
@@ -121,20 +142,19 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
     """The whole picture as JSON-ready data: numbers masked, names and texts raw (views escape them).
 
     Without `detailed` only counts and states (the open view, see the module docstring)."""
-    cfg, store = app[keys.CONFIG], app[keys.STORE]
+    cfg, store, telemetry = app[keys.CONFIG], app[keys.STORE], app[keys.TELEMETRY]
     dispatcher, sender = app[keys.DISPATCHER], app[keys.SENDER]
-    store_ok = await store.healthy()
+    state = await health(app)
+    store_ok = state.store_ok
     by_tenant = await store.outbox_by_tenant() if store_ok else {}
     delivery = await store.delivery(time.time() - DAY) if store_ok else {}
-    draining = app[keys.DRAINING].is_set()
-    ok = store_ok and dispatcher.running and sender.running and not draining
     return {
-        "status": "ok" if ok else ("draining" if draining else "unavailable"),
+        "status": state.status,
         "view": "detailed" if detailed else "open",
         "mode": app[keys.SECRETS].mode,
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
-        "draining": draining,
+        "draining": state.draining,
         "tenants": [_tenant(app, name, by_tenant.get(name, {}), delivery.get(name), detailed) for name in cfg.tenants],
         "queues": {
             "dispatch": dispatcher.queue.qsize(),
@@ -143,7 +163,7 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
         },
         **(await _lists(app, detailed) if store_ok else {"recent_failures": [], "dead_letters": []}),
         "attention": await _attention(app, detailed) if store_ok else [],
-        "dispatcher": dict(dispatcher.counts),
-        "sender": dict(sender.counts),
-        "orchestrator": dict(app[keys.ORCHESTRATOR].counts),
+        "dispatcher": dict(telemetry.dispatch),
+        "sender": dict(telemetry.sender),
+        "orchestrator": dict(telemetry.orchestrator),
     }

@@ -40,7 +40,7 @@ class HeldScrape(Collector):
 
 async def test_a_slow_scrape_does_not_stall_the_event_loop(client: TestClient[Any, Any]) -> None:
     held = HeldScrape()
-    client.app[keys.METRICS].registry.register(held)  # registering collects once: not armed yet
+    client.app[keys.TELEMETRY].metrics.registry.register(held)  # registering collects once: not armed yet
     held.armed = True
 
     async def scrape() -> tuple[int, str]:

@@ -16,9 +16,10 @@ import msgspec
 from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
-from alfred_bot.metrics import MAX_ERROR_CODES, Metrics
+from alfred_bot.metrics import MAX_ERROR_CODES
 from alfred_bot.parse import parse_body
 from alfred_bot.store import Completion, OutboxRow, SqliteStore
+from alfred_bot.telemetry import Telemetry
 from tests import payloads as p
 from tests.conftest import API_TOKEN, APP_SECRET, db_rows, make_config, post_webhook, prod_config, wait_for
 from tests.fakes import FakeGraph
@@ -190,16 +191,17 @@ async def test_message_type_and_event_field_labels_are_bounded(client: Any) -> N
 
 
 def test_graph_error_code_labels_are_bounded() -> None:
-    metrics = Metrics()
+    telemetry = Telemetry(["home"])
     for code in range(1000, 1000 + 3 * MAX_ERROR_CODES):
-        metrics.send_done("home", "failed", 0.01, code)
-    metrics.send_done("home", "failed", 0.01, 1000)  # an early code keeps its series
-    series = _label_values(metrics.render().decode(), "alfred_graph_errors_total")
+        telemetry.send_done("home", "failed", 0.01, code)
+    telemetry.send_done("home", "failed", 0.01, 1000)  # an early code keeps its series
+    series = _label_values(telemetry.metrics.render().decode(), "alfred_graph_errors_total")
     assert len(series) == MAX_ERROR_CODES + 1
     assert {"tenant": "home", "code": "other"} in series
-    assert len(metrics.errors_by_code["home"]) == MAX_ERROR_CODES + 1
-    assert metrics.errors_by_code["home"]["1000"] == 2
-    assert metrics.errors_by_code["home"]["other"] == 2 * MAX_ERROR_CODES
+    errors = telemetry.errors_by_code("home")
+    assert len(errors) == MAX_ERROR_CODES + 1
+    assert errors["1000"] == 2
+    assert errors["other"] == 2 * MAX_ERROR_CODES
 
 
 # ---------------------------------------------------------------------------- account-level events by WABA

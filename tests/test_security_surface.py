@@ -178,7 +178,7 @@ async def test_a_webhook_for_a_foreign_host_is_refused_and_not_stored(guarded: A
     )
     assert resp.status == 421
     assert db_rows(tmp_path / "alfred.db", "SELECT COUNT(*) FROM inbox")[0][0] == 0
-    assert guarded.app[keys.STATS]["host_refused"] == 1
+    assert guarded.app[keys.TELEMETRY].webhook["host_refused"] == 1
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ async def test_a_body_for_biz_signed_with_the_global_secret_is_refused(
     assert await post_webhook(client, body, APP_SECRET) == 403
     assert _count(_db(client), "inbox") == 0
     assert _count(_db(client), "statuses") == 0
-    assert client.app[keys.STATS]["webhook_403"] == 1
+    assert client.app[keys.TELEMETRY].webhook["webhook_403"] == 1
 
 
 async def test_a_body_for_home_signed_with_the_biz_secret_is_refused(

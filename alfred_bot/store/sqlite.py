@@ -11,6 +11,7 @@ import fcntl
 import logging
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +21,7 @@ from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
 from alfred_bot.store import events as event_log
 from alfred_bot.store import inbox, outbox, retention
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
+from alfred_bot.store.reads import SqliteReads
 from alfred_bot.store.schema import SCHEMA_VERSION, migrate
 from alfred_bot.store.writer import GroupWriter
 
@@ -119,26 +121,6 @@ def _complete_op(done: Completion, now: float) -> Any:
 
 #: Both directions of one user's conversation: inbound by phone number or user id, outbound
 #: messages (not receipts) by recipient; each leg limited, merged and cut in Python.
-_CONVERSATION = """
-SELECT * FROM (SELECT 'in' AS direction, type, text, received_at AS at, NULL AS state, NULL AS payload, seq FROM inbox
-               WHERE tenant = ? AND sender = ? ORDER BY seq DESC LIMIT ?)
-UNION ALL
-SELECT * FROM (SELECT 'in', type, text, received_at, NULL, NULL, seq FROM inbox
-               WHERE tenant = ? AND user_id = ? AND sender IS NULL ORDER BY seq DESC LIMIT ?)
-UNION ALL
-SELECT * FROM (SELECT 'out', type, NULL, created_at, state, payload, rowid FROM outbox
-               WHERE tenant = ? AND recipient = ? AND type != 'read' ORDER BY rowid DESC LIMIT ?)
-"""
-
-
-def _conversation_item(row: sqlite3.Row) -> dict[str, Any]:
-    item: dict[str, Any] = {"direction": row["direction"], "type": row["type"], "text": row["text"], "at": row["at"]}
-    if row["direction"] == "out":
-        item["state"] = row["state"]
-        item["text"] = outbox.payload_text(row["payload"], row["type"])
-    return item
-
-
 def _schema_version(uri: str) -> int:
     """Probe a file read-only with the stdlib driver first: a file that cannot be opened fails
     here, cleanly, instead of inside aiosqlite's thread (whose failed connect can outlive the loop)."""
@@ -155,7 +137,7 @@ def _check_version(path: Path, version: int) -> None:
         raise StoreError(f"{path} has schema v{version}, this Alfred reads v{SCHEMA_VERSION}: start the server once")
 
 
-class SqliteStore:
+class SqliteStore(SqliteReads):
     """The default `Store`: one SQLite file, safe against kill -9 and power loss.
 
     `read_only=True` is for the operator's commands beside a running server: it takes no lock,
@@ -216,14 +198,6 @@ class SqliteStore:
         result: bool = await self._write(_complete_op(done, self._clock()))
         return result
 
-    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        if self._reader is None:
-            raise StoreError("the store is closed")
-        try:
-            return list(await self._reader.execute_fetchall(sql, params))
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"read failed: {exc}") from exc
-
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
         rows = await self._fetch(inbox.PENDING, (after_seq, limit))
         pending: list[PendingMessage] = []
@@ -234,17 +208,26 @@ class SqliteStore:
                 log.error("pending message seq %d cannot be decoded, skipped: %s", row["seq"], exc)
         return pending
 
-    async def recent_inbound(self, limit: int) -> list[dict[str, Any]]:
-        rows = await self._fetch(inbox.RECENT, (limit,))
-        return [inbox.recent(row) for row in rows]
-
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now = self._clock()
         result: list[str] = await self._write(lambda conn: outbox.enqueue(conn, rows, now))
         return result
 
-    async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
-        result: list[OutboxJob] = await self._write(lambda conn: outbox.claim(conn, now, quotas, lease, held))
+    async def claim(
+        self,
+        now: float,
+        quotas: dict[str, int],
+        lease: float,
+        held: frozenset[str],
+        *,
+        receipts: Mapping[str, int] | None = None,
+        receipt_max_age: float | None = None,
+    ) -> list[OutboxJob]:
+        result: list[OutboxJob] = await self._write(
+            lambda conn: outbox.claim(
+                conn, now, quotas, lease, held, receipts=receipts, receipt_max_age=receipt_max_age
+            )
+        )
         return result
 
     async def settle(self, result: Settlement, now: float) -> None:
@@ -259,20 +242,6 @@ class SqliteStore:
         known = [float(d) for d in dues if d is not None]
         return min(known) if known else None
 
-    async def message(self, outbox_id: str) -> dict[str, Any] | None:
-        rows = await self._fetch(
-            'SELECT id, tenant, recipient AS "to", type, state, attempts, wamid, error_code, error_message, '
-            "error_details, error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at "
-            "FROM outbox WHERE id = ?",
-            (outbox_id,),
-        )
-        return dict(rows[0]) if rows else None
-
-    async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
-        """Keys are unique per tenant; the API's keys name their tenant (`api:<tenant>:<key>`)."""
-        rows = await self._fetch("SELECT id FROM outbox WHERE idem_key = ? ORDER BY rowid LIMIT 1", (idem_key,))
-        return await self.message(rows[0][0]) if rows else None
-
     async def last_inbound(self, tenant: str, user: str) -> int | None:
         rows = await self._fetch(
             "SELECT MAX(COALESCE((SELECT MAX(timestamp) FROM inbox WHERE tenant = ?1 AND sender = ?2 "
@@ -282,33 +251,6 @@ class SqliteStore:
         )
         value = int(rows[0][0])
         return value or None
-
-    async def outbox_counts(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT state, COUNT(*) FROM outbox GROUP BY state", ())
-        return {row[0]: int(row[1]) for row in rows}
-
-    async def outbox_by_tenant(self) -> dict[str, dict[str, int]]:
-        rows = await self._fetch("SELECT tenant, state, COUNT(*) FROM outbox GROUP BY tenant, state", ())
-        result: dict[str, dict[str, int]] = {}
-        for tenant, state, count in rows:
-            result.setdefault(tenant, {})[state] = int(count)
-        return result
-
-    async def delivery(self, since: float) -> dict[str, dict[str, int]]:
-        rows = await self._fetch(
-            "SELECT tenant, COUNT(*), COUNT(delivered_at), COUNT(read_at) FROM outbox "
-            "WHERE sent_at >= ? AND type != 'read' GROUP BY tenant",
-            (since,),
-        )
-        return {t: {"sent": int(n), "delivered": int(d), "read": int(r)} for t, n, d, r in rows}
-
-    async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            'SELECT event_id AS id, tenant, sender AS "from", name, text, error, handled_at AS at '
-            "FROM inbox WHERE state = 'failed' ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        )
-        return [dict(row) for row in rows]
 
     async def opted_out(self, tenant: str, user: str) -> bool:
         rows = await self._fetch(f"SELECT 1 FROM optouts WHERE tenant = ?1 AND {_SAME_USER} LIMIT 1", (tenant, user))
@@ -320,46 +262,6 @@ class SqliteStore:
             (tenant, user, event_log.MARKETING),
         )
         return bool(rows) and rows[0][0] == "stop"
-
-    async def events(self, limit: int, field: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
-        rows = await self._fetch(*event_log.query(limit, field, tenant))
-        return [event_log.as_json(row) for row in rows]
-
-    async def rejected(self, limit: int) -> list[dict[str, Any]]:
-        rows = await self._fetch("SELECT what, reason, received_at FROM rejected ORDER BY rowid DESC LIMIT ?", (limit,))
-        return [dict(row) for row in rows]
-
-    async def replies_to(self, tenant: str, event_id: str) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            'SELECT id, recipient AS "to", type, state, payload FROM outbox WHERE tenant = ? AND source_event_id = ? '
-            "ORDER BY idem_key, rowid",
-            (tenant, event_id),
-        )
-        return [{**dict(row), "payload": outbox.payload_json(row["payload"])} for row in rows]
-
-    async def conversation(self, tenant: str, user: str, limit: int) -> list[dict[str, Any]]:
-        rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
-        # both clocks are ours (received_at, created_at); within one instant, insertion order
-        ordered = sorted(rows, key=lambda row: (row["at"], row["direction"] == "out", row["seq"]))
-        return [_conversation_item(row) for row in ordered][-limit:]
-
-    async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            'SELECT id, tenant, recipient AS "to", type, attempts, error_code, error_message, error_details, '
-            "error_fbtrace_id, needs_template, created_at FROM outbox WHERE state = 'failed' "
-            "AND (?1 IS NULL OR tenant = ?1) ORDER BY created_at DESC LIMIT ?2",
-            (tenant, limit),
-        )
-        return [dict(row) for row in rows]
-
-    async def audit(self, limit: int, tenant: str | None = None, outbox_id: str | None = None) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            "SELECT at, tenant, outbox_id, type, recipient, http_status, error_code, fbtrace_id, latency_ms, "
-            "outcome, trace_id FROM audit WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR outbox_id = ?2) "
-            "ORDER BY seq DESC LIMIT ?3",
-            (tenant, outbox_id, limit),
-        )
-        return [dict(row) for row in rows]
 
     async def scrub(self, key: bytes, cutoff: float) -> int:
         result: int = await self._write(lambda conn: retention.scrub_batch(conn, key, cutoff))
