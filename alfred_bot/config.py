@@ -67,27 +67,44 @@ class GraphConfig(_Section, frozen=True):
     timeout_seconds: float = 10.0
 
 
+#: Meta's highest per-number throughput ("up to 1,000 messages per second" after the upgrade).
+META_MAX_RATE = 1000.0
+#: The Graph API latency the automatic sender pool covers at full rate (measured p95 ~ 0.1-0.2 s).
+SEND_LATENCY_BUDGET = 0.25
+#: The most senders `outbound.workers = 0` gives one number: META_MAX_RATE x SEND_LATENCY_BUDGET.
+MAX_AUTO_WORKERS = 250
+
+
 class OutboundConfig(_Section, frozen=True):
     """Outbound pacing (Meta's default is 80 messages/s per phone number), retries and pauses."""
 
     rate_per_second: float = 80.0
-    workers: int = 0  # 0: enough for rate x 0.25 s of latency (at least 4)
+    workers: int = 0  # 0: enough for rate x 0.25 s of latency (at least 4, at most MAX_AUTO_WORKERS)
     max_attempts: int = 10
     max_age_seconds: float = 86400.0
     unknown_max_attempts: int = 3
     backoff_base_seconds: float = 1.0
     backoff_cap_seconds: float = 300.0
+    #: AIMD after 130429 / 4 / 80007: the rate is multiplied by this (once per window) ...
     slow_down_factor: float = 0.5
-    slow_down_seconds: float = 60.0
+    #: ... and climbs back linearly to the full rate over this many seconds of success.
+    slow_down_seconds: float = 5.0
     probe_interval_seconds: float = 60.0
     pair_burst: int = 45
     pair_interval_seconds: float = 6.0
+    #: Read receipts (with their typing indicator) older than this are dropped, not sent.
+    receipt_max_age_seconds: float = 5.0
+    #: Receipts take slots of the number's rate (only spare ones: replies always go first).
+    receipts_use_budget: bool = True
 
     def worker_count(self, tenants: int) -> int:
-        """Senders needed so that latency never caps throughput: rate x tenants x 0.25 s."""
+        """Senders needed so that Graph latency never caps throughput: rate x tenants x 0.25 s,
+        the rate counted up to Meta's highest per-number tier (1,000 msg/s): a higher configured
+        rate cannot be delivered by Meta, and 25,000 idle tasks (~38 MB) would buy nothing."""
         if self.workers:
             return self.workers
-        return max(4, math.ceil(self.rate_per_second * tenants * 0.25))
+        rate = min(self.rate_per_second, META_MAX_RATE) * tenants
+        return max(4, min(MAX_AUTO_WORKERS * tenants, math.ceil(rate * SEND_LATENCY_BUDGET)))
 
 
 class WebhookConfig(_Section, frozen=True):
@@ -418,6 +435,8 @@ def _check(cfg: Config) -> None:
             "outbound.backoff_base_seconds: must be > 0 and <= outbound.backoff_cap_seconds",
         ),
         (0 < cfg.outbound.slow_down_factor <= 1, "outbound.slow_down_factor: must be in (0, 1]"),
+        (cfg.outbound.slow_down_seconds > 0, "outbound.slow_down_seconds: must be > 0"),
+        (cfg.outbound.receipt_max_age_seconds > 0, "outbound.receipt_max_age_seconds: must be > 0"),
         (cfg.outbound.probe_interval_seconds > 0, "outbound.probe_interval_seconds: must be > 0"),
         (cfg.outbound.pair_burst >= 1, "outbound.pair_burst: must be at least 1"),
         (cfg.outbound.pair_interval_seconds > 0, "outbound.pair_interval_seconds: must be > 0"),

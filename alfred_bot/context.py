@@ -315,7 +315,10 @@ class Context(Outgoing):
         return self.message.id
 
     def mark_read(self, *, typing: bool = True) -> str:
-        """Queue a read receipt for this message, with a typing indicator (one call, up to 25 s)."""
+        """Queue a read receipt for this message, with a typing indicator (one call, up to 25 s).
+
+        Best-effort (README, Outbound): it never delays the replies, is sent in the number's spare
+        budget, and is dropped if a newer receipt of the user supersedes it or it waits too long."""
         payload: dict[str, Any] = {"messaging_product": "whatsapp", "status": "read", "message_id": self.message.id}
         if typing:
             payload["typing_indicator"] = {"type": "text"}

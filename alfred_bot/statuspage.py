@@ -32,7 +32,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 POLL_MS = 3000
 
 #: The outbox states in the order a message goes through them; others follow alphabetically.
-STATES = ("queued", "sending", "sent", "delivered", "read", "played", "failed")
+STATES = ("queued", "sending", "sent", "delivered", "read", "played", "failed", "dropped")
 
 #: Short names of the Graph API error codes an operator meets most (shown beside the number).
 GRAPH_CODES: dict[str, str] = {

@@ -32,7 +32,10 @@ def test_short_crash_run_keeps_every_promise(tmp_path: Path) -> None:
     assert result["kills"] >= 5
     assert set(result["kills_by_kind"]) == {"random", "mid-commit", "mid-send", "backpressure", "mid-shutdown"}
     assert result["accepted"] > 300
-    assert result["answered"] == result["receipts_sent"] == result["accepted"]
+    assert result["answered"] == result["accepted"]
+    # read receipts are best-effort: each one was sent or dropped (superseded, stale), none left behind
+    assert result["receipts_missing"] == 0
+    assert result["receipts_sent"] + result["receipts_dropped"] >= result["accepted"]
     assert (result["lost"], result["still_queued"], result["not_stored"]) == (0, 0, 0)
     assert result["api_accepted"] > 0 and result["api_lost"] == 0
     assert result["forged_sent"] > 0 and result["forged_effects"] == 0

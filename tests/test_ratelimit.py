@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from alfred_bot.outbound.ratelimit import MAX_LAG, PAIR_MAX_BACKOFF, PairLimiter, SlidingWindowLimiter, pair_backoff
+from alfred_bot.outbound.ratelimit import (
+    MAX_LAG,
+    MIN_FACTOR,
+    PAIR_MAX_BACKOFF,
+    Aimd,
+    PairLimiter,
+    SlidingWindowLimiter,
+    pair_backoff,
+)
 
 
 class FakeClock:
@@ -88,14 +97,45 @@ def test_fractional_rate_rounds_down_never_up() -> None:
     assert worst_window(run_backlog(limiter, clock, 10)) <= 2
 
 
-def test_slow_down_lowers_capacity_for_a_while() -> None:
+def test_slow_down_halves_then_climbs_back_additively() -> None:
+    """AIMD: a 130429 halves the rate, which then climbs back linearly over `slow_down_seconds`."""
     clock = FakeClock()
     limiter = SlidingWindowLimiter(80, clock=clock)
-    limiter.slow_down(0.5, 60)
+    limiter.slow_down(0.5, 5)
     assert limiter.slowed and limiter.capacity == 40
-    assert worst_window(run_backlog(limiter, clock, 10)) <= 40
-    clock.advance(60)
+    clock.advance(2.5)
+    assert limiter.slowed and limiter.capacity == 60
+    clock.advance(2.5)
     assert not limiter.slowed and limiter.capacity == 80
+
+
+def test_a_burst_of_errors_is_one_decrease_and_later_bursts_cut_again_to_a_floor() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(80, clock=clock)
+    for _ in range(50):  # the requests in flight all answer 130429 at once: one signal
+        limiter.slow_down(0.5, 5)
+    assert limiter.capacity == 40
+    clock.advance(1.1)  # still throttled a window later: cut again from where the climb got to
+    limiter.slow_down(0.5, 5)
+    assert limiter.capacity == math.floor(80 * (0.5 + 0.1) * 0.5)
+    for _ in range(20):
+        clock.advance(1.1)
+        limiter.slow_down(0.5, 5)
+    assert limiter.capacity == math.floor(80 * MIN_FACTOR)  # never below the floor
+    assert Aimd(clock=clock).factor() == 1.0
+
+
+def test_slowed_backlog_never_exceeds_the_rate_and_recovers_within_seconds() -> None:
+    """Under a backlog after one throughput error: no sliding second above the rate in force (a
+    half second later at most 40 + the climb), and 10 s carry far more than the old 50 % for 60 s."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(80, clock=clock)
+    start = clock.now
+    limiter.slow_down(0.5, 5)
+    starts = run_backlog(limiter, clock, 10)
+    assert worst_window(starts) <= 80
+    assert sum(1 for t in starts if t < start + 1.0) <= 48  # 40 at first, + 8/s of climb
+    assert len(starts) >= 0.97 * (5 * 60 + 5 * 80)  # old behaviour: 400
 
 
 def test_rate_must_be_positive() -> None:

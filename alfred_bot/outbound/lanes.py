@@ -5,13 +5,17 @@ another's. A worker takes a claimed job from its lane, checks the user's pair bu
 row goes back for later, without blocking other users), books a slot in the number's window and
 sleeps once for it, sends, and settles the row as the retry policy says. Only `decide.py` reads
 Graph answers; only `policy.py` decides what they mean for the row.
+
+Read receipts (with their typing indicator) are best-effort (`LaneQueue`, `_send_receipt`): their
+own line in the lane, a spare slot of the rate only, dropped when stale, one quick retry, never
+dead-lettered, so a reply never waits behind a receipt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,31 +24,152 @@ import msgspec
 from alfred_bot.config import OutboundConfig
 from alfred_bot.graph import Transport
 from alfred_bot.logs import bound
-from alfred_bot.metrics import Metrics
 from alfred_bot.outbound.decide import Decision, Outcome
 from alfred_bot.outbound.pauses import PauseBoard
-from alfred_bot.outbound.policy import LaneState, PauseOrder, RetryPolicy, Verdict
+from alfred_bot.outbound.policy import LaneState, PauseOrder, RetryPolicy, Verdict, with_error
 from alfred_bot.outbound.ratelimit import Pacer, PairBudget, PairLimiter, SlidingWindowLimiter
 from alfred_bot.privacy import mask
 from alfred_bot.store import AuditEntry, OutboxJob, Settlement
+from alfred_bot.telemetry import Telemetry
 
 log = logging.getLogger("alfred.sender")
 
 #: Types that are not messages to a user (read receipts / typing): no pair budget, no wamid.
 RECEIPT_TYPES = frozenset({"read"})
 PAUSED_RECHECK = 1.0  # seconds until a row put back by a pause is due again
+REPLIED_KEEP = 1024  # recipients remembered before the oldest replies are forgotten
+SPARE_POLL = 0.005  # a receipt waiting for a spare slot looks again at least this often (seconds)
+RECEIPT_RETRY = 0.25  # a receipt that failed transiently is tried once more after this (seconds)
+
+
+class LaneQueue:
+    """A lane's claimed jobs: replies (and API sends) in one line, read receipts in another.
+
+    Receipts are best-effort (see `LaneWorkers._send_receipt`): at most `receipt_slots` of them wait
+    here and at most as many hold a worker at once, so receipts never take the room or the workers
+    replies need. A free worker takes a receipt first (with a spare slot, the user sees "typing…"
+    and the blue ticks before the reply); the receipt then yields its slot to any reply no free
+    worker is about to take. The interface is `asyncio.Queue`'s, plus `done(job)` and the two rooms
+    the pump fills.
+    """
+
+    def __init__(self, maxsize: int, receipt_slots: int) -> None:
+        self.maxsize = maxsize
+        self.receipt_slots = receipt_slots
+        self._replies: deque[OutboxJob] = deque()
+        self._receipts: deque[OutboxJob] = deque()
+        self.receipts_busy = 0  # receipts a worker holds
+        self.idle = 0  # workers waiting for a job
+        self._ready = asyncio.Event()
+
+    def qsize(self) -> int:
+        return len(self._replies) + len(self._receipts)
+
+    def empty(self) -> bool:
+        return not self._replies and not self._receipts
+
+    @property
+    def replies_waiting(self) -> int:
+        """Claimed non-receipt jobs no worker has taken yet."""
+        return len(self._replies)
+
+    def room(self) -> int:
+        """How many more replies the pump may claim."""
+        return self.maxsize - len(self._replies)
+
+    def receipt_room(self) -> int:
+        """How many more receipts the pump may claim."""
+        return self.receipt_slots - len(self._receipts)
+
+    def put_nowait(self, job: OutboxJob) -> None:
+        (self._receipts if job.type in RECEIPT_TYPES else self._replies).append(job)
+        self._ready.set()
+
+    def get_nowait(self) -> OutboxJob:
+        """Any job, replies first (a stop puts them all back)."""
+        if self._replies:
+            return self._replies.popleft()
+        if self._receipts:
+            return self._receipts.popleft()
+        raise asyncio.QueueEmpty
+
+    @property
+    def replies_stuck(self) -> bool:
+        """Replies wait that no idle worker is about to take: a receipt must leave the slot to them."""
+        return len(self._replies) > self.idle
+
+    def _next(self) -> OutboxJob | None:
+        if self._receipts and self.receipts_busy < self.receipt_slots and not self.replies_stuck:
+            self.receipts_busy += 1
+            return self._receipts.popleft()
+        if self._replies:
+            return self._replies.popleft()
+        return None
+
+    def put_back(self, receipt: OutboxJob) -> None:
+        """A receipt yields to stuck replies: first in its line again, still held by this process."""
+        self._receipts.appendleft(receipt)
+        self._ready.set()
+
+    def holds(self, job: OutboxJob) -> bool:
+        """True if `job` is back in this queue (put back, not finished)."""
+        return job in self._receipts
+
+    async def get(self) -> OutboxJob:
+        while (job := self._next()) is None:
+            self._ready.clear()
+            self.idle += 1
+            try:
+                await self._ready.wait()
+            finally:
+                self.idle -= 1
+        return job
+
+    def done(self, job: OutboxJob) -> None:
+        """A worker finished `job`: a receipt frees its slot for the next one."""
+        if job.type in RECEIPT_TYPES:
+            self.receipts_busy -= 1
+            self._ready.set()
+
+    def task_done(self) -> None:
+        """`asyncio.Queue` compatibility (nothing joins a lane)."""
+
+
+class ReceiptRules(msgspec.Struct, frozen=True):
+    """How a lane treats read receipts (`outbound.receipt_max_age_seconds`, `receipts_use_budget`)."""
+
+    max_age: float = 5.0
+    use_budget: bool = True
+
+
+def receipt_slots(workers: int) -> int:
+    """Workers receipts may hold at once: a quarter, at least two (enough for the spare budget at
+    Graph latency; the rest always serve replies)."""
+    return max(2, workers // 4)
 
 
 class Lane:
     """One business number's sending machinery."""
 
-    def __init__(self, tenant: str, phone_number_id: str, workers: int, limiter: Pacer, pairs: PairBudget) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        phone_number_id: str,
+        workers: int,
+        limiter: Pacer,
+        pairs: PairBudget,
+        *,
+        receipts: ReceiptRules | None = None,
+    ) -> None:
         self.tenant = tenant
         self.phone_number_id = phone_number_id
         self.limiter = limiter
         self.pairs = pairs
         self.workers = workers
-        self.queue: asyncio.Queue[OutboxJob] = asyncio.Queue(maxsize=workers * 2)
+        self.receipts = receipts or ReceiptRules()
+        self.queue = LaneQueue(workers * 2, receipt_slots(workers))
+        self._replied: dict[str, float] = {}  # recipient -> wall time of the latest reply sent
+        self._replied_kept = REPLIED_KEEP
         self.streak = 0  # transient failures in a row
         self.gate_until = 0.0  # monotonic: during an outage the lane pauses briefly between tries
 
@@ -53,11 +178,24 @@ class Lane:
         """A lane paced by this process alone."""
         limiter = SlidingWindowLimiter(out.rate_per_second, clock=monotonic)
         pairs = PairLimiter(burst=out.pair_burst, interval=out.pair_interval_seconds, clock=monotonic)
-        return cls(tenant, phone_number_id, out.worker_count(1), limiter, pairs)
+        rules = ReceiptRules(max_age=out.receipt_max_age_seconds, use_budget=out.receipts_use_budget)
+        return cls(tenant, phone_number_id, out.worker_count(1), limiter, pairs, receipts=rules)
 
     @property
     def capacity(self) -> int:
         return self.queue.maxsize
+
+    def note_reply(self, recipient: str, now: float) -> None:
+        """A message to `recipient` starts now (forgotten after `receipts.max_age`: bounded memory)."""
+        self._replied[recipient] = now
+        if len(self._replied) > self._replied_kept:
+            cutoff = now - self.receipts.max_age
+            self._replied = {r: t for r, t in self._replied.items() if t >= cutoff}
+            self._replied_kept = max(REPLIED_KEEP, 2 * len(self._replied))
+
+    def answered(self, receipt: OutboxJob) -> bool:
+        """True if a message went to the receipt's user after the receipt was queued."""
+        return self._replied.get(receipt.recipient, -1.0) >= receipt.created_at
 
     def state(self, recipient: str) -> LaneState:
         return LaneState(streak=self.streak, pair_strikes=self.pairs.strikes(recipient))
@@ -103,8 +241,7 @@ class LaneWorkers:
         policy: RetryPolicy,
         pauses: PauseBoard,
         *,
-        metrics: Metrics,
-        counts: Counter[str],
+        telemetry: Telemetry,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         on_pause: Callable[[str, PauseOrder], None],
@@ -113,12 +250,12 @@ class LaneWorkers:
         self._transport = transport
         self._policy = policy
         self._pauses = pauses
-        self._metrics = metrics
-        self._counts = counts
+        self._telemetry = telemetry
+        self._metrics = telemetry.metrics
+        self._counts = telemetry.sender
         self._clock = clock
         self._monotonic = monotonic
         self._on_pause = on_pause
-        self.on_sent: Callable[[str], None] | None = None  # told the tenant of each accepted send
         self._audit: dict[str, AuditEntry] = {}  # per claimed row: its Graph call, until settled
         self.cut_off: list[OutboxJob] = []  # sends cancelled by a stop, maybe already on the wire
 
@@ -139,8 +276,9 @@ class LaneWorkers:
                 log.exception("send of outbox row %s failed unexpectedly", job.id)
             finally:
                 self._feed.busy.discard(current)
-                self._feed.release(job.id)
-                lane.queue.task_done()
+                if not lane.queue.holds(job):
+                    self._feed.release(job.id)
+                lane.queue.done(job)
 
     async def settle(self, result: Settlement) -> None:
         """Record an outcome with the audit entry of its Graph call, if there was one."""
@@ -156,8 +294,10 @@ class LaneWorkers:
         if lane.tenant in self._pauses.current():
             await self.settle(self._policy.defer(job, PAUSED_RECHECK, self._clock()))
             return
-        receipt = job.type in RECEIPT_TYPES
-        wait = 0.0 if receipt else lane.pairs.delay(job.recipient)
+        if job.type in RECEIPT_TYPES:
+            await self._send_receipt(lane, job)
+            return
+        wait = lane.pairs.delay(job.recipient)
         if wait > 0:
             self._counts["deferred_pair"] += 1
             await self.settle(self._policy.defer(job, wait, self._clock()))
@@ -167,8 +307,13 @@ class LaneWorkers:
         if slot > 0:
             self._counts["paced_waits"] += 1
             await asyncio.sleep(slot)
-        if not receipt:
-            lane.pairs.record(job.recipient)
+        lane.pairs.record(job.recipient)
+        lane.note_reply(job.recipient, self._clock())
+        decision = await self._call(lane, job)
+        await self._apply(lane, job, decision)
+
+    async def _call(self, lane: Lane, job: OutboxJob) -> Decision:
+        """One Graph API call, its decide-to-wire lag reported to the limiter, recorded."""
         started = self._monotonic()
 
         def on_wire() -> None:
@@ -176,11 +321,82 @@ class LaneWorkers:
 
         decision = await self._transport.send(lane.phone_number_id, job.payload, on_wire)
         self._record(lane, job, decision, self._monotonic() - started)
-        await self._apply(lane, job, decision)
+        return decision
+
+    # ------------------------------------------------------------------ read receipts
+
+    async def _send_receipt(self, lane: Lane, job: OutboxJob) -> None:
+        """Best-effort: in a spare slot only, dropped when stale, one quick retry, never dead-lettered.
+
+        A read receipt (with its typing indicator) is worth something for a few seconds; a reply is
+        what the user waits for. So a receipt takes a slot of the number's rate only when no reply
+        is waiting for one (`_spare_slot`), and a receipt that cannot be sent in time is dropped
+        and counted (`receipts_dropped_<reason>`), never failed: no operator has to handle it.
+        """
+        for attempt in range(2):
+            slot = await self._spare_slot(lane, job)
+            if slot is None:
+                lane.queue.put_back(job)  # replies wait for workers: serve them, this receipt later
+                return
+            if not slot:
+                await self._drop(job, "stale")
+                return
+            if lane.answered(job):
+                job = without_typing(job)  # "typing…" after the answer would promise a message that never comes
+            decision = await self._call(lane, job)
+            if decision.outcome is Outcome.SENT:
+                self._counts["receipts_sent"] += 1
+                await self._apply(lane, job, decision)
+                return
+            if not await self._receipt_failed(lane, job, decision, last=attempt > 0):
+                return
+            await asyncio.sleep(RECEIPT_RETRY)
+
+    async def _receipt_failed(self, lane: Lane, job: OutboxJob, d: Decision, *, last: bool) -> bool:
+        """The lane learns from the answer as from any other (a 130429 slows the number all the
+        same); the receipt goes back on a pause, is dropped on a permanent error or a second
+        failure. True if it should be tried once more."""
+        self._counts[f"result_{d.outcome}"] += 1
+        if d.code is not None:
+            self._counts[f"error_{d.code}"] += 1
+        verdict = self._policy.settle(job, d, lane.state(job.recipient), self._clock())
+        lane.apply(job.recipient, verdict, self._monotonic())
+        if isinstance(verdict, PauseOrder):  # back, unharmed: sent after a short pause, else stale
+            self._on_pause(lane.tenant, verdict)
+            await self.settle(verdict.row)
+            return False
+        if last or d.outcome is not Outcome.RETRY:
+            await self._drop(job, "failed", d)
+            return False
+        return True
+
+    async def _spare_slot(self, lane: Lane, job: OutboxJob) -> bool | None:
+        """Wait for a slot no reply wants (any moment, if receipts are outside the budget): True
+        when taken, False once the receipt is older than `receipt_max_age_seconds`, None if replies
+        are waiting with no worker free for them (the receipt must give its worker up)."""
+        while True:
+            if self._clock() - job.created_at > lane.receipts.max_age:
+                return False
+            if lane.queue.replies_stuck:
+                return None
+            if not lane.receipts.use_budget:
+                return True
+            wait = lane.limiter.delay()
+            if wait <= 0:
+                lane.limiter.record()
+                return True
+            await asyncio.sleep(min(max(SPARE_POLL, wait), SPARE_POLL * 10))
+
+    async def _drop(self, job: OutboxJob, reason: str, d: Decision | None = None) -> None:
+        self._counts[f"receipts_dropped_{reason}"] += 1
+        if d is not None:  # the answer is already redacted (GraphTransport): safe to say why
+            log.info("read receipt %s dropped (%s): %s", job.id, reason, d.message or d.outcome)
+        row = Settlement(id=job.id, state="dropped", attempts=job.attempts, error_message=f"dropped: {reason}")
+        await self.settle(with_error(row, d) if d is not None else row)
 
     def _record(self, lane: Lane, job: OutboxJob, d: Decision, seconds: float) -> None:
         """Metrics, the status page's latency view and the audit entry of one Graph call."""
-        self._metrics.send_done(lane.tenant, str(d.outcome), seconds, d.code)
+        self._telemetry.send_done(lane.tenant, str(d.outcome), seconds, d.code)
         if d.outcome is Outcome.SENT and job.origin_at and job.type not in RECEIPT_TYPES:
             self._metrics.e2e_latency.labels(lane.tenant).observe(max(0.0, self._clock() - job.origin_at))
         self._audit[job.id] = AuditEntry(
@@ -204,8 +420,19 @@ class LaneWorkers:
             self._on_pause(lane.tenant, verdict)
         elif verdict.row.state == "failed":
             log.warning("outbox %s failed %s: code %s %s", job.id, verdict.why, d.code, d.message or d.raw)
-        elif verdict.row.state == "sent" and self.on_sent is not None:
-            self.on_sent(lane.tenant)
+        elif verdict.row.state == "sent":
+            self._telemetry.sent(lane.tenant)
         await self.settle(verdict.row)
         if verdict.row.state == "sent":
             self._feed.wake()  # the user's next row (the reply after its receipt) is claimable now
+
+
+def without_typing(receipt: OutboxJob) -> OutboxJob:
+    """The receipt marking the message read, without its typing indicator."""
+    try:
+        body = msgspec.json.decode(receipt.payload)
+    except msgspec.DecodeError:
+        return receipt
+    if not isinstance(body, dict) or body.pop("typing_indicator", None) is None:
+        return receipt
+    return msgspec.structs.replace(receipt, payload=msgspec.json.encode(body))

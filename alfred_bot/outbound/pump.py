@@ -2,7 +2,9 @@
 
 It claims due rows per lane (a lease in the store: a crash returns them by themselves), only the
 oldest pending row of each user (so one user's messages keep their order even across retries),
-never a row this process already holds, and only as many as each lane has room for. It sleeps
+never a row this process already holds, and only as many as each lane has room for. Read receipts
+stand apart: the lane's receipt room is claimed separately (newest first), and the receipts the
+store dropped as superseded or stale are counted here (`receipts_dropped_<reason>`). It sleeps
 until the next row is due, a wake-up (new rows, a settle) or room in a lane. It also records
 outcomes (`settle`), retrying a refused write rather than ever sending twice.
 """
@@ -15,7 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from alfred_bot.outbound.lanes import Lane
+from alfred_bot.outbound.lanes import RECEIPT_TYPES, Lane
 from alfred_bot.outbound.pauses import PauseBoard
 from alfred_bot.store import Outbox, OutboxJob, Settlement, StoreError
 
@@ -79,19 +81,23 @@ class Pump:
 
     async def _pump_once(self) -> None:
         active = self._active()
-        quotas = {name: lane.capacity - lane.queue.qsize() for name, lane in active.items()}
-        if active and not any(q > 0 for q in quotas.values()):
+        quotas = {name: lane.queue.room() for name, lane in active.items()}
+        receipts = {name: lane.queue.receipt_room() for name, lane in active.items()}
+        if active and not any(q > 0 for q in (*quotas.values(), *receipts.values())):
             self._room.clear()
             await self._room.wait()
             return
         self._wake.clear()
-        jobs = await self._claim(quotas)
+        jobs = await self._claim(quotas, receipts)
         for job in jobs:
+            if job.dropped is not None:  # a receipt the claim dropped (superseded or stale): count it
+                self._counts[f"receipts_dropped_{job.dropped}"] += 1
+                continue
             self._held.add(job.id)
             self._lanes[job.tenant].queue.put_nowait(job)
         if self.stopping:
             return  # stop() puts what was just claimed back
-        if any(sum(1 for j in jobs if j.tenant == name) == quota > 0 for name, quota in quotas.items()):
+        if _filled(jobs, quotas):
             return  # a lane took all it could: more may be due, claim again once there is room
         due = await self._store.next_due(frozenset(active))
         timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - self._clock()))
@@ -99,14 +105,17 @@ class Pump:
             async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
                 await self._wake.wait()
 
-    async def _claim(self, quotas: dict[str, int]) -> list[OutboxJob]:
+    async def _claim(self, quotas: dict[str, int], receipts: dict[str, int]) -> list[OutboxJob]:
         """Claim as a busy task: a stop must not cancel a claim the writer has already committed,
         or its rows would stay leased until the lease runs out."""
         current = asyncio.current_task()
         assert current is not None
         self.busy.add(current)
+        max_age = min((lane.receipts.max_age for lane in self._lanes.values()), default=None)
         try:
-            return await self._store.claim(self._clock(), quotas, self.lease, frozenset(self._held))
+            return await self._store.claim(
+                self._clock(), quotas, self.lease, frozenset(self._held), receipts=receipts, receipt_max_age=max_age
+            )
         finally:
             self.busy.discard(current)
 
@@ -132,3 +141,9 @@ class Pump:
                 attempt += 1
         if result.state == "queued":
             self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
+
+
+def _filled(jobs: list[OutboxJob], quotas: dict[str, int]) -> bool:
+    """True if some lane got as many replies (receipts aside) as it had room for."""
+    taken = Counter(j.tenant for j in jobs if j.dropped is None and j.type not in RECEIPT_TYPES)
+    return any(taken[name] == quota > 0 for name, quota in quotas.items())

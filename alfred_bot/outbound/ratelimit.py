@@ -20,6 +20,15 @@ the wire later (a new connection, a busy loop). If early requests lag more than 
 second at 1000/s. The sender reports each request's decide-to-wire lag (`observe_lag`) and
 the window is `1 s + margin + the largest lag seen in the last window`, so the promise holds
 at the receiver; in steady state the lag is a millisecond or two and costs nothing.
+
+Why AIMD after a throughput error (130429, 4, 80007) and not "half the rate for a minute": Meta
+counts inbound messages too ("inclusive of inbound and outbound messages and all message types"),
+so a burst of 130429s often comes from a burst of users writing, not from us; it passes in a
+second or two. The rate is multiplied by `factor` (at most once per window: the requests already
+in flight answer 130429 together, and that is one signal, not fifty) and then climbs back
+additively, linearly, to the full rate over `duration` seconds of success; another 130429 on the
+way up cuts it again. Measured under the e2e load (bench/RESULTS.md): the fixed 60 s at 50 % left
+replies seconds behind for over a minute after a 1-second burst; AIMD recovers in seconds.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ DEFAULT_MARGIN = 0.01
 MAX_LAG = 5.0
 #: The longest a recipient is blocked after repeated 131056 (pair rate limit) answers.
 PAIR_MAX_BACKOFF = 900.0
+#: The lowest share of the rate repeated throughput errors can push a number to (AIMD floor).
+MIN_FACTOR = 0.1
 
 
 class Pacer(Protocol):
@@ -50,8 +61,14 @@ class Pacer(Protocol):
     def observe_lag(self, lag: float) -> None:
         """Report how long after its start a request reached the wire."""
 
+    def delay(self) -> float:
+        """Seconds until a start would be allowed, booking nothing (0: a slot is free now)."""
+
+    def record(self) -> None:
+        """Count one start now (a best-effort send that found a free slot)."""
+
     def slow_down(self, factor: float, duration: float) -> None:
-        """Run at `factor × rate` for `duration` seconds."""
+        """Meta said "too fast": multiply the rate by `factor`, climbing back to full over `duration` s."""
 
     @property
     def slowed(self) -> bool:
@@ -96,15 +113,13 @@ class SlidingWindowLimiter:
         self._clock = clock
         self._lags: deque[tuple[float, float]] = deque()  # (at, lag), lags decreasing: a sliding max
         self._starts: deque[float] = deque()
-        self._factor = 1.0
-        self._slow_until = 0.0
+        self._aimd = Aimd(clock=clock)
         self._tat = 0.0  # GCRA "theoretical arrival time" of the next evenly spaced start
 
     @property
     def capacity(self) -> int:
         """How many starts the current window allows (lower while slowed down)."""
-        factor = self._factor if self._clock() < self._slow_until else 1.0
-        return max(1, math.floor(self.rate * factor))
+        return max(1, math.floor(self.rate * self._aimd.factor()))
 
     @property
     def window(self) -> float:
@@ -165,13 +180,43 @@ class SlidingWindowLimiter:
         return True
 
     def slow_down(self, factor: float, duration: float) -> None:
-        """Run at `factor × rate` for `duration` seconds (after a throughput error from Meta)."""
-        self._factor = min(max(factor, 0.0), 1.0)
-        self._slow_until = self._clock() + duration
+        """After a throughput error from Meta: multiplicative decrease, then additive increase (`Aimd`)."""
+        self._aimd.decrease(factor, duration, hold=self.base_window)
 
     @property
     def slowed(self) -> bool:
-        return self._clock() < self._slow_until
+        return self._aimd.factor() < 1.0
+
+
+class Aimd:
+    """The share of its rate a number may use: cut by a factor on a throughput error, then climbing
+    back linearly to 1.0. Pure and clock-injected.
+
+    `decrease(factor, duration)` multiplies the current share by `factor` (never below `MIN_FACTOR`)
+    unless the last cut was less than `hold` seconds ago (one burst of errors is one signal); the
+    share then grows by `(1 - factor) / duration` per second, so one cut is undone in `duration` s.
+    """
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._base = 1.0  # the share right after the last cut
+        self._at = -math.inf  # when it was cut
+        self._slope = 0.0  # share regained per second since then
+
+    def factor(self) -> float:
+        """The share of the rate in force now, in [MIN_FACTOR, 1]."""
+        return min(1.0, self._base + self._slope * (self._clock() - self._at))
+
+    def decrease(self, factor: float, duration: float, *, hold: float = 1.0) -> bool:
+        """Cut the share by `factor`; False if a cut less than `hold` s ago already covers this one."""
+        now = self._clock()
+        if now - self._at < hold:
+            return False
+        factor = min(max(factor, 0.0), 1.0)
+        self._base = max(MIN_FACTOR, self.factor() * factor)
+        self._at = now
+        self._slope = (1.0 - factor) / max(duration, 1e-9)
+        return True
 
 
 class PairLimiter:

@@ -1,9 +1,10 @@
 """The outbound facade: outbox → pump → per-number lanes → Graph API → retry policy → outbox.
 
 `Sender` wires the parts and is what the app, the API and the status page use: start, stop,
-wake, pauses, resume, queue depths and counts. The parts: `pump.Pump` claims due rows into
-lanes and records outcomes; `lanes.Lane` / `lanes.LaneWorkers` pace and send; `policy.RetryPolicy`
-decides what each answer means; `pauses.PauseBoard` holds which tenants wait and why.
+wake, pauses, resume, queue depths and counts (a read-only view of `Telemetry.sender`). The parts:
+`pump.Pump` claims due rows into lanes and records outcomes; `lanes.Lane` / `lanes.LaneWorkers` pace
+and send; `policy.RetryPolicy` decides what each answer means; `pauses.PauseBoard` holds which
+tenants wait and why.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 
 from alfred_bot.config import Config
 from alfred_bot.graph import Transport
-from alfred_bot.metrics import Metrics
 from alfred_bot.outbound.lanes import Lane, LaneWorkers
 from alfred_bot.outbound.pauses import LocalPauses, Pause, PauseBoard
 from alfred_bot.outbound.policy import PauseOrder, RetryPolicy
 from alfred_bot.outbound.pump import Pump
 from alfred_bot.store import Outbox, Settlement
 from alfred_bot.tasks import stop_workers
+from alfred_bot.telemetry import Telemetry
 
 log = logging.getLogger("alfred.sender")
 
@@ -43,7 +44,7 @@ class Sender:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         token_groups: Mapping[str, str] | None = None,
-        metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
         pauses: PauseBoard | None = None,
     ) -> None:
         self._out = cfg.outbound
@@ -56,17 +57,17 @@ class Sender:
         tenants = cfg.tenants.items()
         self._lanes = {name: Lane.local(name, t.phone_number_id, self._out, monotonic) for name, t in tenants}
         self.workers = sum(lane.workers for lane in self._lanes.values())
-        self.counts: Counter[str] = Counter()
+        self._telemetry = telemetry or Telemetry(cfg.tenants)
+        counts = self._telemetry.sender
         lease = _lease(cfg, self._lanes.values())
-        self._pump = Pump(store, self._lanes, self._pauses, self.counts, clock=clock, monotonic=monotonic, lease=lease)
+        self._pump = Pump(store, self._lanes, self._pauses, counts, clock=clock, monotonic=monotonic, lease=lease)
         policy = RetryPolicy(self._out, rng or random.Random())  # noqa: S311 (jitter, not crypto)
         self._crew = LaneWorkers(
             self._pump,
             transport,
             policy,
             self._pauses,
-            metrics=metrics or Metrics(),
-            counts=self.counts,
+            telemetry=self._telemetry,
             clock=clock,
             monotonic=monotonic,
             on_pause=self._pause,
@@ -107,13 +108,9 @@ class Sender:
         return bool(self._tasks) and all(not t.done() for t in self._tasks) and not self._pump.stopping
 
     @property
-    def on_sent(self) -> Callable[[str], None] | None:
-        """Told the tenant of each send Meta accepted."""
-        return self._crew.on_sent
-
-    @on_sent.setter
-    def on_sent(self, callback: Callable[[str], None] | None) -> None:
-        self._crew.on_sent = callback
+    def counts(self) -> Mapping[str, int]:
+        """Send outcomes so far (read-only; the numbers live in the telemetry object)."""
+        return MappingProxyType(self._telemetry.sender)
 
     # ------------------------------------------------------------------ views
 

@@ -8,6 +8,7 @@ engines. The embedded SQLite store is the default.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -52,6 +53,8 @@ class OutboxJob(msgspec.Struct, frozen=True):
     created_at: float
     trace_id: str | None = None
     origin_at: float | None = None
+    #: Set on a read receipt the claim did not lease but dropped (`superseded`, `stale`): a notice to count.
+    dropped: str | None = None
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,7 +78,7 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     id: str
-    state: Literal["sent", "queued", "failed"]
+    state: Literal["sent", "queued", "failed", "dropped"]  # dropped: a best-effort read receipt given up
     attempts: int  # the claim's attempt count: a settle for an older claim of the row is ignored
     due_at: float | None = None
     wamid: str | None = None
@@ -140,11 +143,24 @@ class Outbox(Protocol):
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         """Queue sends; a row whose idem_key the tenant used already yields the existing id (no second send)."""
 
-    async def claim(self, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]) -> list[OutboxJob]:
-        """Lease up to `quotas[tenant]` due sends per tenant, each the oldest pending one of its user,
-        conversation rows (priority 0) before campaign rows. A lease runs out at `now + lease`.
+    async def claim(
+        self,
+        now: float,
+        quotas: dict[str, int],
+        lease: float,
+        held: frozenset[str],
+        *,
+        receipts: Mapping[str, int] | None = None,
+        receipt_max_age: float | None = None,
+    ) -> list[OutboxJob]:
+        """Lease up to `quotas[tenant]` due sends per tenant, each the oldest pending one of its user
+        (read receipts aside), conversation rows (priority 0) before campaign rows. A lease runs out
+        at `now + lease`. Rows in `held` (already in this process's hands) are never claimed again.
 
-        Rows in `held` (already in this process's hands) are never claimed again.
+        Read receipts are best-effort: a receipt never holds back its user's later rows; only the
+        newest of a user's receipts is sent, the older ones are dropped (`superseded`), as are those
+        older than `receipt_max_age` s (`stale`); both come back as jobs with `dropped` set. With
+        `receipts`, up to `receipts[tenant]` receipts are leased besides `quotas` (newest first).
         """
 
     async def settle(self, result: Settlement, now: float) -> None:

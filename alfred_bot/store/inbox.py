@@ -65,7 +65,7 @@ def row(item: InboundItem, now: float) -> tuple[Any, ...]:
         msg.id,
         item.tenant,
         item.phone_number_id,
-        msg.from_,
+        msg.from_ or None,  # an empty `from` is no sender (reads, the window and opt-outs match None)
         msg.from_user_id or (contact.user_id if contact else None),
         contact.wa_id if contact else None,
         contact.name if contact else None,

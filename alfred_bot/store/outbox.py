@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 from typing import Any
+
+import msgspec
 
 from alfred_bot.models import Status
 from alfred_bot.store.base import OutboxJob, OutboxRow, Settlement
@@ -63,31 +66,93 @@ def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list
     return ids
 
 
+_RETURNING = "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at"
+_LEASE = "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
+#: Read receipts and typing indicators: best-effort, never in a user's line of ordered rows.
+RECEIPT = "type = 'read'"
+
+
 def claim(
-    conn: sqlite3.Connection, now: float, quotas: dict[str, int], lease: float, held: frozenset[str]
+    conn: sqlite3.Connection,
+    now: float,
+    quotas: dict[str, int],
+    lease: float,
+    held: frozenset[str],
+    *,
+    receipts: Mapping[str, int] | None = None,
+    receipt_max_age: float | None = None,
 ) -> list[OutboxJob]:
     """Lease due rows per tenant: conversation before campaigns, oldest first, and only a user's
-    oldest pending row (so a retried or deferred message is never overtaken by a later one)."""
-    marks = ",".join("?" * len(held))
-    held_sql = f"AND o.id NOT IN ({marks})" if held else ""
+    oldest pending row (so a retried or deferred message is never overtaken by a later one).
+
+    Read receipts stand apart (see `Outbox.claim`): superseded and stale ones are dropped here and
+    returned as notices (`dropped` set); the rest are leased newest first, after the other rows,
+    from `receipts[tenant]` if given, else from what the tenant's quota left."""
     jobs: list[OutboxJob] = []
     for tenant, quota in quotas.items():
-        if quota <= 0:
-            continue
-        rows = conn.execute(
-            "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
-            # `+o.due_at`: keep the planner on outbox_claim (ordered by priority, due_at) instead of
-            # sorting every due row of a large backlog through a temp B-tree to take a few.
-            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND +o.due_at <= ? {held_sql} "
-            f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
-            f"AND e.{PENDING} AND e.rowid < o.rowid) "
-            "ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) "
-            "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at",
-            (now + lease, tenant, now, *sorted(held), quota),
-        ).fetchall()
-        rows.sort(key=lambda r: r[0])
-        jobs.extend(OutboxJob(*r[1:]) for r in rows)
+        jobs.extend(_drop_receipts(conn, tenant, now, receipt_max_age))
+        claimed = _claim_rows(conn, tenant, now, quota, lease=lease, held=held) if quota > 0 else []
+        jobs.extend(claimed)
+        room = receipts.get(tenant, 0) if receipts is not None else quota - len(claimed)
+        if room > 0:
+            jobs.extend(_claim_receipts(conn, tenant, now, room, lease=lease, held=held))
     return jobs
+
+
+def _held_sql(held: frozenset[str]) -> str:
+    return f"AND o.id NOT IN ({','.join('?' * len(held))})" if held else ""
+
+
+def _claim_rows(
+    conn: sqlite3.Connection, tenant: str, now: float, quota: int, *, lease: float, held: frozenset[str]
+) -> list[OutboxJob]:
+    rows = conn.execute(
+        # `+o.due_at`: keep the planner on outbox_claim (ordered by priority, due_at) instead of
+        # sorting every due row of a large backlog through a temp B-tree to take a few.
+        f"{_LEASE}SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND +o.due_at <= ? "
+        f"AND NOT o.{RECEIPT} {_held_sql(held)} "
+        f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
+        f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.rowid < o.rowid) "
+        f"ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) {_RETURNING}",
+        (now + lease, tenant, now, *sorted(held), quota),
+    ).fetchall()
+    rows.sort(key=lambda r: r[0])
+    return [OutboxJob(*r[1:]) for r in rows]
+
+
+def _claim_receipts(
+    conn: sqlite3.Connection, tenant: str, now: float, room: int, *, lease: float, held: frozenset[str]
+) -> list[OutboxJob]:
+    """The newest receipts first: under load the fresh ones are worth sending, the old ones age out."""
+    rows = conn.execute(
+        f"{_LEASE}SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND o.{RECEIPT} "
+        f"AND +o.due_at <= ? {_held_sql(held)} ORDER BY o.rowid DESC LIMIT ?) {_RETURNING}",
+        (now + lease, tenant, now, *sorted(held), room),
+    ).fetchall()
+    rows.sort(key=lambda r: -r[0])
+    return [OutboxJob(*r[1:]) for r in rows]
+
+
+def _drop_receipts(conn: sqlite3.Connection, tenant: str, now: float, max_age: float | None) -> list[OutboxJob]:
+    """Drop queued receipts a newer receipt of the same user makes pointless (marking the newest
+    message read marks the earlier ones), then those older than `max_age` s."""
+    superseded = conn.execute(
+        "UPDATE outbox SET state = 'dropped', error_message = 'superseded by a newer read receipt' WHERE id IN ("
+        f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND o.state = 'queued' AND o.{RECEIPT} "
+        f"AND EXISTS (SELECT 1 FROM outbox n WHERE n.tenant = o.tenant AND n.recipient = o.recipient "
+        f"AND n.{PENDING} AND n.{RECEIPT} AND n.rowid > o.rowid)) {_RETURNING}",
+        (tenant,),
+    ).fetchall()
+    stale = []
+    if max_age is not None:
+        stale = conn.execute(
+            "UPDATE outbox SET state = 'dropped', error_message = 'stale read receipt' WHERE id IN ("
+            f"SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND o.state = 'queued' AND o.{RECEIPT} "
+            f"AND o.created_at < ?) {_RETURNING}",
+            (tenant, now - max_age),
+        ).fetchall()
+    notices = [(r, "superseded") for r in superseded] + [(r, "stale") for r in stale]
+    return [msgspec.structs.replace(OutboxJob(*r[1:]), dropped=why) for r, why in notices]
 
 
 def _error_values(r: Settlement) -> tuple[Any, ...]:
@@ -127,6 +192,9 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
         ).fetchone()
         if cur is not None and due > now:
             _defer_followers(conn, cur[0], cur[1], cur[2], due)
+    elif r.state == "dropped":
+        conn.execute(f"UPDATE outbox SET state = 'dropped', {_ERRORS} WHERE id = ? AND {_LEASED}",
+                     (*_error_values(r), r.id, r.attempts))
     else:
         conn.execute(
             f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
