@@ -19,7 +19,7 @@ from alfred_bot import __version__, keys
 from alfred_bot.config import Config
 from alfred_bot.media import MediaError, check_upload, kind_for
 from alfred_bot.security import api_token_of, token_ok
-from alfred_bot.status import authorized, collect, health
+from alfred_bot.statuspage.numbers import health
 from alfred_bot.store import OutboxRow, StoreError, new_outbox_id
 from alfred_bot.validate import InvalidMessage, addressee, is_group, validate_send
 
@@ -109,16 +109,6 @@ async def healthz(request: web.Request) -> web.Response:
         "webhook": dict(telemetry.webhook),
     }
     return json_response(body, 200 if state.status == "ok" else 503)
-
-
-async def status_json(request: web.Request) -> web.Response:
-    """The status page's numbers (also what `python main.py status` prints): counts and states for
-    anyone, names, texts and errors only with the API token (a wrong token gets the open view)."""
-    data = await collect(request.app, detailed=authorized(request))
-    response = json_response(data, 200 if data["status"] == "ok" else 503)
-    response.headers["Cache-Control"] = "no-store"  # the detailed view must not sit in any cache
-    response.headers["Vary"] = "Authorization, X-API-Key"
-    return response
 
 
 def _limit(request: web.Request, default: int = 50) -> int | web.Response:

@@ -20,7 +20,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-from alfred_bot import api, hosts, keys, logs, privacy, statuspage, tracing, webhook
+from alfred_bot import api, hosts, keys, logs, privacy, tracing, webhook
 from alfred_bot.config import Config, Secrets
 from alfred_bot.context import Services
 from alfred_bot.dispatch import Dispatcher
@@ -31,6 +31,7 @@ from alfred_bot.outbound.sender import Sender
 from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget, Redactor, identity_encoding
+from alfred_bot.statuspage import page, routes
 from alfred_bot.store import Store, StoreError, make_store
 from alfred_bot.telemetry import Telemetry
 
@@ -74,7 +75,7 @@ def create_app(
     app[keys.DRAINING] = asyncio.Event()
     _add_workers(app, cfg, secrets)
     _add_routes(app)
-    statuspage.setup(app)
+    page.setup(app)
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_drain)
     logs.quiet_bad_requests()
@@ -152,7 +153,7 @@ def _add_routes(app: web.Application) -> None:
     add_get("/webhook", webhook.verify)
     add_post("/webhook", webhook.receive)
     add_get("/healthz", api.healthz)
-    add_get("/status.json", api.status_json)
+    routes.add_routes(app)
     add_get("/metrics", api.metrics)
     add_get("/api/inbound", api.inbound)
     add_get("/api/events", api.events)

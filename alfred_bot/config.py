@@ -164,7 +164,7 @@ class OrchestratorConfig(_Section, frozen=True):
 
 
 class LimitsConfig(_Section, frozen=True):
-    """Abuse and consent: a per-user inbound limit and the opt-out words and button payloads."""
+    """Inbound limits and consent: a per-user inbound limit and the opt-out words and button payloads."""
 
     inbound_per_user: int = 20  # messages per window; 0 turns the limit off
     inbound_window_seconds: float = 60.0

@@ -12,24 +12,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from alfred_bot.config import LimitsConfig
-from alfred_bot.models import (
-    AudioMessage,
-    ButtonMessage,
-    ContactsMessage,
-    DocumentMessage,
-    ImageMessage,
-    InteractiveMessage,
-    LocationMessage,
-    Message,
-    OrderMessage,
-    StickerMessage,
-    TextMessage,
-    VideoMessage,
-)
+from alfred_bot.models import WRITTEN, ButtonMessage, InteractiveMessage, Message
 
 if TYPE_CHECKING:
     from alfred_bot.context import Context
     from alfred_bot.router import Middleware, Next
+
 
 def is_opt_out(message: Message, limits: LimitsConfig) -> bool:
     """A STOP-like text (whole message, any case) or a template button with an opt-out payload."""
@@ -41,22 +29,6 @@ def is_opt_out(message: Message, limits: LimitsConfig) -> bool:
     return any(word == k.strip().casefold() for k in limits.opt_out_keywords)
 
 
-#: Messages the user writes or sends on purpose. Deliberately absent: reactions, revokes and
-#: edits (they change an earlier message, they do not write to us again), system notices (a
-#: number change), `unsupported` / `unknown` and any type we cannot read (we cannot tell what the
-#: user did), `request_welcome` (opening the chat is not a request for messages).
-_WRITTEN = (
-    TextMessage,
-    ImageMessage,
-    AudioMessage,
-    VideoMessage,
-    DocumentMessage,
-    StickerMessage,
-    LocationMessage,
-    ContactsMessage,
-    ButtonMessage,
-    OrderMessage,
-)
 #: Taps on our interactive messages: reply buttons, list rows, a completed flow. Not a
 #: `call_permission_reply`: accepting calls says nothing about wanting messages again.
 _TAPPED = frozenset({"button_reply", "list_reply", "nfm_reply"})
@@ -70,7 +42,7 @@ def ends_opt_out(message: Message) -> bool:
     """
     if isinstance(message, InteractiveMessage):
         return message.interactive.type in _TAPPED
-    return isinstance(message, _WRITTEN)
+    return isinstance(message, WRITTEN)
 
 
 def consent_middleware(limits: LimitsConfig, counts: Counter[str]) -> Middleware:

@@ -32,10 +32,10 @@ from alfred_bot.context import Context, Services, StatusContext
 from alfred_bot.fairqueue import FairQueue
 from alfred_bot.limits import InboundLimiter, limit_middleware
 from alfred_bot.logs import bound, new_trace_id, redact
-from alfred_bot.metrics import Metrics
 from alfred_bot.models import Message
 from alfred_bot.orchestrator import Orchestrator, orchestrator_fallback
 from alfred_bot.parse import InboundItem, StatusItem
+from alfred_bot.prometheus import Metrics
 from alfred_bot.router import Middleware, Next, Router
 from alfred_bot.store import Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
 from alfred_bot.tasks import stop_workers

@@ -592,6 +592,25 @@ Message = KnownMessage | UnknownMessage
 
 KNOWN_TYPES: frozenset[str] = frozenset(str(cls.__struct_config__.tag) for cls in KnownMessage.__args__)
 
+#: The message classes a user writes or sends on purpose (the ONE list: consent lifts an opt-out
+#: on them, the echo bot acknowledges them). Deliberately absent: reactions, revokes and edits (they
+#: change an earlier message, they do not write to us again), system notices (a number change),
+#: `unsupported` / `unknown` and any type we cannot read (we cannot tell what the user did),
+#: `request_welcome` (opening the chat is not a request for messages), interactive replies (a tap:
+#: which ones count depends on the reply's kind).
+WRITTEN: tuple[type[KnownMessage], ...] = (
+    TextMessage,
+    ImageMessage,
+    AudioMessage,
+    VideoMessage,
+    DocumentMessage,
+    StickerMessage,
+    LocationMessage,
+    ContactsMessage,
+    ButtonMessage,
+    OrderMessage,
+)
+
 
 # ---------------------------------------------------------------------------- envelope parts
 

@@ -1,4 +1,7 @@
-"""Retention of personal data: scrub after `hot_days`, delete after `delete_days`.
+"""The retention job: WHEN to scrub (after `hot_days`) and purge (after `delete_days`), engine-neutral.
+
+This module decides timing and batching and calls the store's `Maintenance` role; the statements
+that do the scrubbing live with each engine (SQLite: `store/sqlite/retention.py`).
 
 Past the hot period, rows keep what operations need (ids, types, states, times, error codes) and
 lose what identifies or quotes a person: message texts, captions, names and raw bodies are

@@ -6,7 +6,7 @@ One store of truth for what `/healthz`, `/status.json`, the status page and `/me
   numbers `/healthz` and `/status.json` print under those parts' names;
 - per-tenant message rates over the last minute (`RateMeter`: sixty one-second buckets, fixed memory);
 - recent Graph call latencies (for p50/p95) and errors by code, per tenant, for the status page;
-- the Prometheus metrics (`metrics.Metrics`, one registry per app).
+- the Prometheus metrics (`prometheus.Metrics`, one registry per app).
 
 It is built once by the app and handed to each part that counts (webhook, dispatcher and its
 built-in middleware, orchestrator, sender) as a constructor argument, so two apps in one process,
@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-from alfred_bot.metrics import Metrics, message_type_label, percentile
+from alfred_bot.prometheus import Metrics, message_type_label, percentile
 
 RECENT = 512  # send latencies kept per tenant for the status page's p50/p95
 WINDOW = 60  # seconds a rate meter covers

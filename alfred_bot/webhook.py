@@ -19,8 +19,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from alfred_bot import keys, tracing
 from alfred_bot.config import Secrets
 from alfred_bot.logs import RateLimit, bound, new_trace_id
-from alfred_bot.metrics import event_field_label, message_type_label
 from alfred_bot.parse import EnvelopeError, InboundItem, ParsedBody, parse_body
+from alfred_bot.prometheus import event_field_label, message_type_label
 from alfred_bot.security import BodyLease, identity_encoding, signature_scopes, token_ok
 from alfred_bot.store import StoreError
 

@@ -26,15 +26,15 @@ LOOP_BUCKETS = [
     ("dispatch (handler, ctx, complete)", ("alfred_bot/dispatch.py", "handlers/")),
     ("sender (pump, workers, limiter)", ("alfred_bot/outbound/",)),
     ("graph client (aiohttp ClientSession)", ("alfred_bot/graph.py", "aiohttp/client", "aiohttp/connector")),
-    ("writer task (group hand-off)", ("alfred_bot/store/writer.py",)),
+    ("writer task (group hand-off)", ("alfred_bot/store/sqlite/writer.py",)),
     ("aiohttp server (HTTP parse, response)", ("aiohttp/web_protocol", "aiohttp/http_", "aiohttp/web_")),
     ("asyncio (loop, futures, call_soon_threadsafe)", ("asyncio/",)),
 ]
 #: SQLite writer thread buckets.
 WRITER_BUCKETS = [
     ("idle (waiting for a group)", ("_queue.SimpleQueue.get", "thread.py:81", "thread.py:80")),
-    ("claim (outbox UPDATE … RETURNING)", ("claim (alfred_bot/store/outbox.py",)),
-    ("settle (sent/queued/failed)", ("settle (alfred_bot/store/outbox.py",)),
+    ("claim (outbox UPDATE … RETURNING)", ("claim (alfred_bot/store/sqlite/outbox.py",)),
+    ("settle (sent/queued/failed)", ("settle (alfred_bot/store/sqlite/outbox.py",)),
     ("ingest op (inbox INSERT)", ("_ingest_op",)),
     ("complete op (inbox UPDATE + outbox INSERT)", ("_complete_op",)),
     ("next_due (read on the writer connection)", ("next_due",)),

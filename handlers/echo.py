@@ -39,7 +39,8 @@ router = Router("echo")
 PREFIX = "You said: "
 GREETING = "Hello! Send me a message and I will answer."
 CANNOT_DISPLAY = "Sorry, I can't display that kind of message here."
-#: Acknowledgements by message class, in words a person would use.
+#: Acknowledgements by message class, in words a person would use: every class of `models.WRITTEN`
+#: but text (echoed) and audio (voice or not, see `reply_for`).
 ACKNOWLEDGE: dict[type, str] = {
     ImageMessage: "Thanks, I got your photo.",
     VideoMessage: "Thanks, I got your video.",

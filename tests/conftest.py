@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,9 +15,12 @@ from aiohttp.test_utils import TestClient
 
 from alfred_bot.app import create_app
 from alfred_bot.config import Config, Secrets, load_secrets, parse_config
+from alfred_bot.context import Context
+from alfred_bot.models import Message
+from alfred_bot.router import Router
 from alfred_bot.store import Completion, PendingMessage, SqliteStore
 from tests import payloads
-from tests.fakes import FakeGraph
+from tests.fakes import FakeGraph, FakeOrchestrator
 
 APP_SECRET = "test-app-secret-0123456789"
 VERIFY_TOKEN = "test-verify-token"
@@ -72,6 +76,15 @@ FAST_OUTBOUND = {
 @pytest.fixture
 async def graph() -> Any:
     fake = FakeGraph()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def orch() -> Any:
+    """The fake agent platform (a real server on loopback), closed after the test."""
+    fake = FakeOrchestrator()
     await fake.start()
     yield fake
     await fake.close()
@@ -140,3 +153,45 @@ def db_rows(path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[sq
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+# ------------------------------------------- a recording bot, end to end (consent and limit tests)
+
+
+def recording_router(seen: list[str], name: str = "recording") -> Router:
+    """A default route that records each message id it handles and answers `ok <text>`."""
+    router = Router(name)
+
+    @router.default
+    async def answer(message: Message, ctx: Context) -> None:
+        seen.append(message.id)
+        ctx.reply(f"ok {message.text}")
+
+    return router
+
+
+async def recording_app(aiohttp_client: Any, tmp_path: Path, seen: list[str], **limits: Any) -> tuple[Any, Path]:
+    """The real app with `recording_router` for tenant "home" and the given `[limits]`; and its database."""
+    cfg = make_config(tmp_path, limits=limits)
+    client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers={"home": recording_router(seen)}))
+    return client, Path(cfg.storage.path)
+
+
+async def send_and_settle(client: Any, db: Path, *msgs: dict[str, Any]) -> None:
+    """Post `msgs` in one signed webhook and wait until none of them is still pending."""
+    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
+    ids = tuple(m["id"] for m in msgs)
+    marks = ",".join("?" * len(ids))
+    sql = f"SELECT COUNT(*) FROM inbox WHERE state != 'pending' AND event_id IN ({marks})"
+    await wait_for(lambda: db_rows(db, sql, ids)[0][0] == len(ids))
+
+
+def outbox_texts(db: Path, user: str = payloads.USER) -> list[str]:
+    """The text bodies queued for `user`, oldest first."""
+    rows = db_rows(db, "SELECT payload FROM outbox WHERE recipient = ? AND type = 'text' ORDER BY rowid", (user,))
+    return [json.loads(r[0])["text"]["body"] for r in rows]
+
+
+def inbox_state(db: Path, event_id: str) -> str:
+    """The inbox state of one message."""
+    return str(db_rows(db, "SELECT state FROM inbox WHERE event_id = ?", (event_id,))[0][0])

@@ -216,3 +216,70 @@ class FakeGraph:
         pnid = request.match_info["pnid"]
         self.uploads.append(Upload(pnid, auth, fields, data, filename, content_type, media_id))
         return web.json_response({"id": media_id})
+
+
+# ---------------------------------------------------------------------------- the agent platform
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | dict[str, Any] | None = None
+    delay: float = 0.0
+    hold: asyncio.Event | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    chunked: bool = False  # send the body in chunks, with no Content-Length
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeOrchestrator:
+    """A real aiohttp server on 127.0.0.1: records requests, plays scripted replies in order."""
+
+    requests: list[Seen] = field(default_factory=list)
+    script: deque[Reply] = field(default_factory=deque)
+    default: Reply = field(default_factory=lambda: Reply(body={"response": "default answer"}))
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/orchestrate", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1/orchestrate"
+
+    async def close(self) -> None:
+        for reply in self.script:
+            if reply.hold is not None:
+                reply.hold.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(Seen(request.path, dict(request.headers), json.loads(await request.read())))
+        reply = self.script.popleft() if self.script else self.default
+        if reply.hold is not None:
+            await reply.hold.wait()
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        raw = reply.body if isinstance(reply.body, bytes | None) else json.dumps(reply.body).encode()
+        if not reply.chunked:
+            return web.Response(
+                status=reply.status, body=raw or b"", content_type="application/json", headers=reply.headers
+            )
+        resp = web.StreamResponse(status=reply.status, headers={"Content-Type": "application/json", **reply.headers})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for start in range(0, len(raw or b""), 65536):
+            await resp.write((raw or b"")[start : start + 65536])
+        await resp.write_eof()
+        return resp

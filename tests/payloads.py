@@ -157,3 +157,22 @@ def dump(data: Any) -> bytes:
 
 def headers(body: bytes, secret: str) -> dict[str, str]:
     return {"Content-Type": "application/json", "X-Hub-Signature-256": sign(body, secret)}
+
+
+# Meta: Webhooks > messages > interactive; error 131000 "Something went wrong" (Error codes,
+# developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes): Meta delivers a message it
+# could not process with its type but without the type object, and an `errors` array instead.
+INTERACTIVE_WITHOUT_OBJECT: dict[str, Any] = {
+    "from": USER,
+    "id": "wamid.NOOBJ1",
+    "timestamp": TS,
+    "type": "interactive",
+    "errors": [
+        {
+            "code": 131000,
+            "title": "Something went wrong",
+            "message": "Something went wrong",
+            "error_data": {"details": "Message failed to send because of an unknown error."},
+        }
+    ],
+}

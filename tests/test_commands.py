@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from alfred_bot.store.sqlite import connect_writer
+from alfred_bot.store.sqlite.engine import connect_writer
 from tests import payloads
 from tests.conftest import db_rows
 from tests.test_cli import (

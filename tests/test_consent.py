@@ -19,46 +19,24 @@ from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
 from tests import payloads
-from tests.conftest import API_TOKEN, ENV, db_rows, make_config, post_webhook, wait_for
+from tests.conftest import (
+    API_TOKEN,
+    ENV,
+    db_rows,
+    inbox_state,
+    make_config,
+    outbox_texts,
+    post_webhook,
+    recording_app,
+    recording_router,
+    send_and_settle,
+    wait_for,
+)
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 T0 = 1_760_000_000
 OPT_OUT_REPLY = LimitsConfig().opt_out_reply
 OTHER = "15550004444"
-
-
-def _router(seen: list[str]) -> Router:
-    router = Router("consent")
-
-    @router.default
-    async def answer(message: Message, ctx: Context) -> None:
-        seen.append(message.id)
-        ctx.reply(f"ok {message.text}")
-
-    return router
-
-
-async def _app(aiohttp_client: Any, tmp_path: Path, seen: list[str], **limits: Any) -> tuple[Any, Path]:
-    cfg = make_config(tmp_path, limits=limits)
-    client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers={"home": _router(seen)}))
-    return client, Path(cfg.storage.path)
-
-
-async def _send(client: Any, db: Path, *msgs: dict[str, Any]) -> None:
-    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
-    ids = tuple(m["id"] for m in msgs)
-    marks = ",".join("?" * len(ids))
-    sql = f"SELECT COUNT(*) FROM inbox WHERE state != 'pending' AND event_id IN ({marks})"
-    await wait_for(lambda: db_rows(db, sql, ids)[0][0] == len(ids))
-
-
-def _texts(db: Path, user: str = payloads.USER) -> list[str]:
-    rows = db_rows(db, "SELECT payload FROM outbox WHERE recipient = ? AND type = 'text' ORDER BY rowid", (user,))
-    return [json.loads(r[0])["text"]["body"] for r in rows]
-
-
-def _state(db: Path, event_id: str) -> str:
-    return str(db_rows(db, "SELECT state FROM inbox WHERE event_id = ?", (event_id,))[0][0])
 
 
 # ---------------------------------------------------------------------------- opt-out
@@ -72,11 +50,11 @@ async def _api_send(client: Any, to: str = payloads.USER) -> Any:
 @pytest.mark.parametrize("word", ["STOP", "stop", " Stop. ", "Stop!"])
 async def test_stop_opts_out_until_the_user_writes_again(aiohttp_client: Any, tmp_path: Path, word: str) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen)
-    await _send(client, db, payloads.text(word, id="wamid.STOP1"))
+    client, db = await recording_app(aiohttp_client, tmp_path, seen)
+    await send_and_settle(client, db, payloads.text(word, id="wamid.STOP1"))
     assert seen == [], "an opt-out word does not reach the handlers"
-    assert _state(db, "wamid.STOP1") == "handled"
-    assert _texts(db) == [OPT_OUT_REPLY]
+    assert inbox_state(db, "wamid.STOP1") == "handled"
+    assert outbox_texts(db) == [OPT_OUT_REPLY]
     assert [tuple(r) for r in db_rows(db, "SELECT tenant, user FROM optouts")] == [("home", payloads.USER)]
     assert client.app[keys.DISPATCHER].counts["opted_out"] == 1
 
@@ -90,7 +68,7 @@ async def test_stop_opts_out_until_the_user_writes_again(aiohttp_client: Any, tm
     # Another user of the same tenant is not affected.
     assert (await _api_send(client, OTHER)).status == 202
 
-    await _send(client, db, payloads.text("hi again", id="wamid.BACK1"))
+    await send_and_settle(client, db, payloads.text("hi again", id="wamid.BACK1"))
     assert seen == ["wamid.BACK1"]
     assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 0
     accepted = await _api_send(client)
@@ -101,7 +79,7 @@ async def test_stop_opts_out_until_the_user_writes_again(aiohttp_client: Any, tm
 async def test_opt_out_is_per_tenant(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
     cfg = make_config(tmp_path)
-    routers = {"home": _router(seen), "biz": _router(seen)}
+    routers = {"home": recording_router(seen), "biz": recording_router(seen)}
     client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers=routers))
     db = Path(cfg.storage.path)
     assert await post_webhook(client, payloads.body_of(payloads.text("STOP", id="wamid.PT1"))) == 200
@@ -113,19 +91,19 @@ async def test_opt_out_is_per_tenant(aiohttp_client: Any, tmp_path: Path) -> Non
 
 async def test_a_template_button_with_an_opt_out_payload_opts_out(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, opt_out_payloads=["STOP_PROMOS"])
-    await _send(client, db, dict(payloads.SAMPLES["button"], id="wamid.BTN1"))
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, opt_out_payloads=["STOP_PROMOS"])
+    await send_and_settle(client, db, dict(payloads.SAMPLES["button"], id="wamid.BTN1"))
     assert seen == []
     assert [tuple(r) for r in db_rows(db, "SELECT tenant, user FROM optouts")] == [("home", payloads.USER)]
-    assert _texts(db) == [OPT_OUT_REPLY]
+    assert outbox_texts(db) == [OPT_OUT_REPLY]
     assert (await _api_send(client)).status == 409
 
 
 async def test_other_button_payloads_and_stop_in_a_sentence_do_not_opt_out(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, opt_out_payloads=["STOP_PROMOS"])
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, opt_out_payloads=["STOP_PROMOS"])
     button = payloads.message("button", {"payload": "MORE_PROMOS", "text": "More"}, id="wamid.BTN2")
-    await _send(client, db, payloads.text("stop the music", id="wamid.NS1"), button)
+    await send_and_settle(client, db, payloads.text("stop the music", id="wamid.NS1"), button)
     assert sorted(seen) == ["wamid.BTN2", "wamid.NS1"]
     assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 0
     assert (await _api_send(client)).status == 202
@@ -133,12 +111,14 @@ async def test_other_button_payloads_and_stop_in_a_sentence_do_not_opt_out(aioht
 
 async def test_custom_opt_out_words_and_silent_opt_out(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, opt_out_keywords=["BAJA", "Cancelar"], opt_out_reply="")
-    await _send(client, db, payloads.text("baja", id="wamid.BJ1"), payloads.text("STOP", id="wamid.BJ2", sender=OTHER))
+    words = ["BAJA", "Cancelar"]
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, opt_out_keywords=words, opt_out_reply="")
+    stop = payloads.text("STOP", id="wamid.BJ2", sender=OTHER)
+    await send_and_settle(client, db, payloads.text("baja", id="wamid.BJ1"), stop)
     assert seen == ["wamid.BJ2"]  # STOP is no longer an opt-out word here
     assert [tuple(r) for r in db_rows(db, "SELECT tenant, user FROM optouts")] == [("home", payloads.USER)]
-    assert _texts(db) == []  # no opt-out reply configured
-    assert _texts(db, OTHER) == ["ok STOP"]
+    assert outbox_texts(db) == []  # no opt-out reply configured
+    assert outbox_texts(db, OTHER) == ["ok STOP"]
 
 
 async def test_writing_lifts_an_opt_out_even_when_the_bot_fails(aiohttp_client: Any, tmp_path: Path) -> None:
@@ -152,10 +132,10 @@ async def test_writing_lifts_an_opt_out_even_when_the_bot_fails(aiohttp_client: 
 
     client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers={"home": router}))
     db = Path(cfg.storage.path)
-    await _send(client, db, payloads.text("STOP", id="wamid.F1"))
+    await send_and_settle(client, db, payloads.text("STOP", id="wamid.F1"))
     assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 1
-    await _send(client, db, payloads.text("hello?", id="wamid.F2"))
-    assert _state(db, "wamid.F2") == "failed"
+    await send_and_settle(client, db, payloads.text("hello?", id="wamid.F2"))
+    assert inbox_state(db, "wamid.F2") == "failed"
     assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 0
     assert (await _api_send(client)).status == 202
 
@@ -164,11 +144,11 @@ async def test_a_limited_message_does_not_lift_an_opt_out(aiohttp_client: Any, t
     """Consent runs before the limit (STOP is never counted), and a message kept as `limited` was
     not acted on: it says nothing about consent, so the opt-out holds."""
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=1, inbound_window_seconds=60)
-    await _send(client, db, payloads.text("first", id="wamid.LO1", timestamp=str(T0)))
-    await _send(client, db, payloads.text("STOP", id="wamid.LO2", timestamp=str(T0 + 1)))
-    await _send(client, db, payloads.text("more", id="wamid.LO3", timestamp=str(T0 + 2)))
-    assert [_state(db, f"wamid.LO{i}") for i in (1, 2, 3)] == ["handled", "handled", "limited"]
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, inbound_per_user=1, inbound_window_seconds=60)
+    await send_and_settle(client, db, payloads.text("first", id="wamid.LO1", timestamp=str(T0)))
+    await send_and_settle(client, db, payloads.text("STOP", id="wamid.LO2", timestamp=str(T0 + 1)))
+    await send_and_settle(client, db, payloads.text("more", id="wamid.LO3", timestamp=str(T0 + 2)))
+    assert [inbox_state(db, f"wamid.LO{i}") for i in (1, 2, 3)] == ["handled", "handled", "limited"]
     assert seen == ["wamid.LO1"]
     assert db_rows(db, "SELECT COUNT(*) FROM optouts")[0][0] == 1
     assert (await _api_send(client)).status == 409
@@ -185,7 +165,7 @@ def _bodies(ctx: Context) -> list[str]:
 async def test_the_consent_middleware_answers_opt_outs_itself_and_records_each_verdict() -> None:
     seen: list[str] = []
     counts: Counter[str] = Counter()
-    mounted = _router(seen).mount(outer=[consent_middleware(LimitsConfig(), counts)])
+    mounted = recording_router(seen).mount(outer=[consent_middleware(LimitsConfig(), counts)])
     verdicts = {}
     for raw in (
         payloads.text("Stop.", id="wamid.V1"),
@@ -209,7 +189,7 @@ async def test_consent_then_limit_in_the_dispatchers_order() -> None:
     limiter = InboundLimiter(1, 60, clock=lambda: 0.0)
     limits = LimitsConfig(inbound_per_user=1)
     builtins = [consent_middleware(limits, Counter()), limit_middleware(limiter, limits)]
-    mounted = _router(seen).mount(outer=builtins)
+    mounted = recording_router(seen).mount(outer=builtins)
     outcomes = []
     for i, text in enumerate(["one", "two", "STOP", "three"]):
         ctx = _ctx(payloads.text(text, id=f"wamid.CL{i}", timestamp=str(T0 + i)))

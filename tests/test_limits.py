@@ -6,53 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alfred_bot.app import create_app
-from alfred_bot.config import LimitsConfig, load_secrets
-from alfred_bot.context import Context
+from alfred_bot.config import LimitsConfig
 from alfred_bot.limits import PRUNE_EVERY, InboundLimiter
-from alfred_bot.models import Message
-from alfred_bot.router import Router
 from tests import payloads
-from tests.conftest import ENV, db_rows, make_config, post_webhook, wait_for
+from tests.conftest import (
+    db_rows,
+    inbox_state,
+    outbox_texts,
+    recording_app,
+    send_and_settle,
+)
 
 T0 = 1_760_000_000
 LIMITS = {"inbound_per_user": 3, "inbound_window_seconds": 60}
 NOTICE = LimitsConfig().limit_notice
 OTHER = "15550004444"
-
-
-def _router(seen: list[str]) -> Router:
-    router = Router("limits")
-
-    @router.default
-    async def answer(message: Message, ctx: Context) -> None:
-        seen.append(message.id)
-        ctx.reply(f"ok {message.text}")
-
-    return router
-
-
-async def _app(aiohttp_client: Any, tmp_path: Path, seen: list[str], **limits: Any) -> tuple[Any, Path]:
-    cfg = make_config(tmp_path, limits=limits)
-    client = await aiohttp_client(create_app(cfg, load_secrets(ENV), routers={"home": _router(seen)}))
-    return client, Path(cfg.storage.path)
-
-
-async def _send(client: Any, db: Path, *msgs: dict[str, Any]) -> None:
-    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
-    ids = tuple(m["id"] for m in msgs)
-    marks = ",".join("?" * len(ids))
-    sql = f"SELECT COUNT(*) FROM inbox WHERE state != 'pending' AND event_id IN ({marks})"
-    await wait_for(lambda: db_rows(db, sql, ids)[0][0] == len(ids))
-
-
-def _texts(db: Path, user: str = payloads.USER) -> list[str]:
-    rows = db_rows(db, "SELECT payload FROM outbox WHERE recipient = ? AND type = 'text' ORDER BY rowid", (user,))
-    return [json.loads(r[0])["text"]["body"] for r in rows]
-
-
-def _state(db: Path, event_id: str) -> str:
-    return str(db_rows(db, "SELECT state FROM inbox WHERE event_id = ?", (event_id,))[0][0])
 
 
 # ---------------------------------------------------------------------------- the inbound limit, end to end
@@ -62,15 +30,15 @@ async def test_a_burst_over_the_limit_is_kept_but_not_handled_with_one_notice(
     aiohttp_client: Any, tmp_path: Path
 ) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, **LIMITS)
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, **LIMITS)
     burst = [payloads.text(f"m{i}", id=f"wamid.L{i}", timestamp=str(T0 + i * 5)) for i in range(5)]
-    await _send(client, db, *burst)
+    await send_and_settle(client, db, *burst)
 
     states = {r[0]: r[1] for r in db_rows(db, "SELECT event_id, state FROM inbox")}
     assert sorted(states.values()) == ["handled"] * 3 + ["limited"] * 2
     assert len(seen) == 3
     assert {i for i, s in states.items() if s == "limited"}.isdisjoint(seen)
-    texts = _texts(db)
+    texts = outbox_texts(db)
     assert texts.count(NOTICE) == 1, texts
     assert sorted(seen) == ["wamid.L0", "wamid.L1", "wamid.L2"]  # the first three the user wrote
     assert sorted(t for t in texts if t != NOTICE) == ["ok m0", "ok m1", "ok m2"]
@@ -79,35 +47,35 @@ async def test_a_burst_over_the_limit_is_kept_but_not_handled_with_one_notice(
     assert states[notice_for] == "limited"
 
     # Another user in the same minute is not affected.
-    await _send(client, db, payloads.text("hello", id="wamid.OTHER1", sender=OTHER, timestamp=str(T0 + 20)))
-    assert _state(db, "wamid.OTHER1") == "handled"
-    assert _texts(db, OTHER) == ["ok hello"]
+    await send_and_settle(client, db, payloads.text("hello", id="wamid.OTHER1", sender=OTHER, timestamp=str(T0 + 20)))
+    assert inbox_state(db, "wamid.OTHER1") == "handled"
+    assert outbox_texts(db, OTHER) == ["ok hello"]
 
     # Still inside the window: limited again, and no second notice.
-    await _send(client, db, payloads.text("m5", id="wamid.L5", timestamp=str(T0 + 30)))
-    assert _state(db, "wamid.L5") == "limited"
-    assert _texts(db).count(NOTICE) == 1
+    await send_and_settle(client, db, payloads.text("m5", id="wamid.L5", timestamp=str(T0 + 30)))
+    assert inbox_state(db, "wamid.L5") == "limited"
+    assert outbox_texts(db).count(NOTICE) == 1
 
     # A window after the burst the user is answered again.
-    await _send(client, db, payloads.text("later", id="wamid.L6", timestamp=str(T0 + 30 + 60)))
-    assert _state(db, "wamid.L6") == "handled"
-    assert _texts(db)[-1] == "ok later"
+    await send_and_settle(client, db, payloads.text("later", id="wamid.L6", timestamp=str(T0 + 30 + 60)))
+    assert inbox_state(db, "wamid.L6") == "handled"
+    assert outbox_texts(db)[-1] == "ok later"
 
 
 async def test_the_limit_is_off_with_zero(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=0)
-    await _send(client, db, *[payloads.text(f"m{i}", id=f"wamid.Z{i}", timestamp=str(T0)) for i in range(30)])
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, inbound_per_user=0)
+    await send_and_settle(client, db, *[payloads.text(f"m{i}", id=f"wamid.Z{i}", timestamp=str(T0)) for i in range(30)])
     assert len(seen) == 30
     assert db_rows(db, "SELECT COUNT(*) FROM inbox WHERE state = 'limited'")[0][0] == 0
 
 
 async def test_no_notice_when_configured_empty(aiohttp_client: Any, tmp_path: Path) -> None:
     seen: list[str] = []
-    client, db = await _app(aiohttp_client, tmp_path, seen, inbound_per_user=1, limit_notice="")
-    await _send(client, db, *[payloads.text(f"m{i}", id=f"wamid.Q{i}", timestamp=str(T0)) for i in range(3)])
+    client, db = await recording_app(aiohttp_client, tmp_path, seen, inbound_per_user=1, limit_notice="")
+    await send_and_settle(client, db, *[payloads.text(f"m{i}", id=f"wamid.Q{i}", timestamp=str(T0)) for i in range(3)])
     assert len(seen) == 1
-    assert _texts(db) == [f"ok {db_rows(db, 'SELECT text FROM inbox WHERE state = ?', ('handled',))[0][0]}"]
+    assert outbox_texts(db) == [f"ok {db_rows(db, 'SELECT text FROM inbox WHERE state = ?', ('handled',))[0][0]}"]
 
 
 # ---------------------------------------------------------------------------- InboundLimiter (unit)

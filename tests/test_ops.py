@@ -20,7 +20,7 @@ from alfred_bot.logs import ContextFilter, JsonFormatter, bound, new_trace_id
 from alfred_bot.privacy import install_key, mask, pseudonym
 from alfred_bot.retention import DAY, Retention
 from alfred_bot.store import SqliteStore
-from alfred_bot.store.schema import SCHEMA_VERSION
+from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import API_TOKEN, APP_SECRET, PROD_ENV, db_rows, make_config, post_webhook, prod_config, wait_for
 from tests.fakes import FakeGraph, graph_error

@@ -17,30 +17,13 @@ from typing import Any
 import pytest
 
 from alfred_bot import keys
+from alfred_bot.models import WRITTEN, AudioMessage, TextMessage
 from handlers import echo
 from tests import payloads as p
 from tests.conftest import API_TOKEN, db_rows, post_webhook, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 MESSAGES_REF = "developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages"
-
-# Meta: Webhooks > messages > interactive + Error codes (131000 "Something went wrong",
-# developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes): Meta delivers a message it
-# could not process with its type but without the type object, and an `errors` array instead.
-INTERACTIVE_WITHOUT_OBJECT = {
-    "from": p.USER,
-    "id": "wamid.NOOBJ1",
-    "timestamp": p.TS,
-    "type": "interactive",
-    "errors": [
-        {
-            "code": 131000,
-            "title": "Something went wrong",
-            "message": "Something went wrong",
-            "error_data": {"details": "Message failed to send because of an unknown error."},
-        }
-    ],
-}
 
 
 def _flow() -> dict[str, Any]:
@@ -95,7 +78,7 @@ KINDS: list[tuple[str, dict[str, Any], bool, str | None]] = [
     # Meta: Webhooks > messages > unknown (MESSAGES_REF/unknown): the legacy name of `unsupported`
     ("unknown", p.message("unknown", errors=[{"code": 131051, "title": "Message type unknown"}]), False, CANNOT),
     ("a type added later", p.message("poll", {"question": "Lunch?"}), False, CANNOT),
-    ("parse error", INTERACTIVE_WITHOUT_OBJECT, False, CANNOT),
+    ("parse error", p.INTERACTIVE_WITHOUT_OBJECT, False, CANNOT),
     ("request_welcome", p.SAMPLES_2025["request_welcome"], False, echo.GREETING),
     ("call_permission_reply", _call_permission(), False, "Thanks, I noted your answer about calls."),
 ]
@@ -185,7 +168,7 @@ async def test_no_reply_names_an_internal_type(client: Any) -> None:
 async def test_a_message_that_does_not_decode_is_stored_shown_counted_and_answered(client: Any) -> None:
     db = _db(client)
     no_sender = {"id": "wamid.NOSENDER", "timestamp": p.TS, "type": "text", "text": {"body": "who am I"}}
-    body = p.dump(p.envelope(p.entry(p.change(p.value([INTERACTIVE_WITHOUT_OBJECT, no_sender], contacts=[])))))
+    body = p.dump(p.envelope(p.entry(p.change(p.value([p.INTERACTIVE_WITHOUT_OBJECT, no_sender], contacts=[])))))
     assert await post_webhook(client, body) == 200
     await wait_for(lambda: _state(db, "wamid.NOOBJ1") == "handled")
 
@@ -414,3 +397,8 @@ async def test_status_of_a_username_only_user_keeps_the_recipient_user_id(client
     await _statuses(client, status)
     rows = db_rows(_db(client), "SELECT recipient_id, recipient_user_id FROM statuses")
     assert [tuple(r) for r in rows] == [(None, "US.1349")]
+
+
+def test_echo_acknowledges_exactly_the_messages_a_user_writes() -> None:
+    """One list of "what a user writes" (`models.WRITTEN`): the echo bot has words for each of them."""
+    assert set(echo.ACKNOWLEDGE) | {TextMessage, AudioMessage} == set(WRITTEN)

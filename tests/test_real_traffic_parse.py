@@ -49,27 +49,9 @@ def only(msg: Any, **value_kw: Any) -> InboundItem:
 
 # ---------------------------------------------------------------------------- never drop a message
 
-# Meta: Webhooks > messages > interactive; error 131000 "Something went wrong" (Error codes,
-# developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes): Meta delivers a message it
-# could not process with its type but without the type object, and an `errors` array instead.
-INTERACTIVE_WITHOUT_OBJECT = {
-    "from": p.USER,
-    "id": "wamid.NOOBJ1",
-    "timestamp": p.TS,
-    "type": "interactive",
-    "errors": [
-        {
-            "code": 131000,
-            "title": "Something went wrong",
-            "message": "Something went wrong",
-            "error_data": {"details": "Message failed to send because of an unknown error."},
-        }
-    ],
-}
-
 
 def test_known_type_without_its_object_is_kept_with_meta_error() -> None:
-    item = only(INTERACTIVE_WITHOUT_OBJECT)
+    item = only(p.INTERACTIVE_WITHOUT_OBJECT)
     assert isinstance(item.message, UnknownMessage)
     assert (item.message.id, item.message.type, item.message.sender) == ("wamid.NOOBJ1", "interactive", p.USER)
     assert item.message.timestamp == int(p.TS)
@@ -78,7 +60,7 @@ def test_known_type_without_its_object_is_kept_with_meta_error() -> None:
     assert [(e.code, e.title) for e in item.errors] == [(131000, "Something went wrong")]
     assert item.errors[0].error_data is not None
     assert item.errors[0].error_data.details == "Message failed to send because of an unknown error."
-    assert item.raw == json.dumps(INTERACTIVE_WITHOUT_OBJECT).encode()
+    assert item.raw == json.dumps(p.INTERACTIVE_WITHOUT_OBJECT).encode()
     assert item.contact is not None and item.contact.wa_id == p.USER
 
 

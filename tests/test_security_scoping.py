@@ -16,8 +16,8 @@ import msgspec
 from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
-from alfred_bot.metrics import MAX_ERROR_CODES
 from alfred_bot.parse import parse_body
+from alfred_bot.prometheus import MAX_ERROR_CODES
 from alfred_bot.store import Completion, OutboxRow, SqliteStore
 from alfred_bot.telemetry import Telemetry
 from tests import payloads as p

@@ -24,8 +24,7 @@ from alfred_bot.models import Message
 from alfred_bot.router import Router
 from tests import payloads
 from tests.conftest import API_TOKEN, ENV, PROD_ENV, db_rows, make_config, post_webhook, prod_config, wait_for
-from tests.fakes import FakeGraph, graph_error
-from tests.test_orchestrator import FakeOrchestrator, Reply
+from tests.fakes import FakeGraph, FakeOrchestrator, Reply, graph_error
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 NAME = "Ana Secretname"
@@ -226,14 +225,6 @@ def test_public_hosts_must_be_bare_names(tmp_path: Path, bad: str) -> None:
 
 
 # ---------------------------------------------------------------------------- item 5: orchestrator
-
-
-@pytest.fixture
-async def orch() -> Any:
-    fake = FakeOrchestrator()
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 async def _orchestrated(aiohttp_client: Any, tmp_path: Path, url: str, **settings: Any) -> tuple[Any, Path]:

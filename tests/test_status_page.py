@@ -15,12 +15,13 @@ from typing import Any
 import aiohttp_jinja2
 import pytest
 
-from alfred_bot import attention, keys, statuspage
+from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.context import Context
 from alfred_bot.models import Message
 from alfred_bot.router import Router
+from alfred_bot.statuspage import attention, page
 from tests import payloads
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -201,7 +202,7 @@ async def test_static_files_are_served_with_their_types(client: Any, path: str, 
     assert resp.content_type in content_type
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     body = await resp.read()
-    assert body == (statuspage.STATIC / Path(path).name).read_bytes()
+    assert body == (page.STATIC / Path(path).name).read_bytes()
     assert body.isascii()  # no charset needed to read them right
     for external in (b"http:", b"https:", b"@import", b"url(", b"innerHTML", b"eval("):
         assert external not in body  # no CDN, no web font, no HTML injection sink
@@ -225,7 +226,7 @@ async def test_missing_keys_do_not_break_the_page(client: Any) -> None:
     """Render the real template with a bare minimum and with a tenant missing every optional key."""
     template = aiohttp_jinja2.get_env(client.app).get_template("status.html")
     for data in ({}, {"tenants": [{"name": "x"}], "recent_failures": [{}], "dead_letters": [{}]}):
-        html = template.render(app=client.app, rendered_at=0, **statuspage.view(data))
+        html = template.render(app=client.app, rendered_at=0, **page.view(data))
         assert "Alfred status" in html
         assert "—" in html
 
@@ -248,24 +249,24 @@ async def _inbound(client: Any, n: int) -> bool:
     [(None, "—"), (5, "5 s"), (65, "1 m 5 s"), (3 * 3600 + 120, "3 h 2 m"), (2 * 86400 + 3600, "2 d 1 h")],
 )
 def test_duration(value: Any, expected: str) -> None:
-    assert statuspage.duration(value) == expected
+    assert page.duration(value) == expected
 
 
 @pytest.mark.parametrize(
     ("func", "value", "expected"),
     [
-        (statuspage.millis, 3.14159, "3.1"),
-        (statuspage.millis, 1234.4, "1,234"),
-        (statuspage.millis, None, "—"),
-        (statuspage.percent, 0.9751, "97.5%"),
-        (statuspage.percent, None, "—"),
-        (statuspage.count, 12345, "12,345"),
-        (statuspage.count, True, "—"),
-        (statuspage.utc, 0, "1970-01-01 00:00:00"),
-        (statuspage.visible, "a\u202eb\u2066c\x00d\ne", "a‹U+202E›b‹U+2066›c‹U+0000›d\ne"),
-        (statuspage.visible, None, ""),
-        (statuspage.code_name, 131047, "re-engagement: 24 h window closed"),
-        (statuspage.code_name, 999999, ""),
+        (page.millis, 3.14159, "3.1"),
+        (page.millis, 1234.4, "1,234"),
+        (page.millis, None, "—"),
+        (page.percent, 0.9751, "97.5%"),
+        (page.percent, None, "—"),
+        (page.count, 12345, "12,345"),
+        (page.count, True, "—"),
+        (page.utc, 0, "1970-01-01 00:00:00"),
+        (page.visible, "a\u202eb\u2066c\x00d\ne", "a‹U+202E›b‹U+2066›c‹U+0000›d\ne"),
+        (page.visible, None, ""),
+        (page.code_name, 131047, "re-engagement: 24 h window closed"),
+        (page.code_name, 999999, ""),
     ],
 )
 def test_formatters(func: Any, value: Any, expected: str) -> None:
@@ -273,14 +274,14 @@ def test_formatters(func: Any, value: Any, expected: str) -> None:
 
 
 def test_outbox_states_keep_lifecycle_order() -> None:
-    got = statuspage.ordered_states({"failed": 1, "zeta": 2, "queued": 3, "delivered": 4, "alpha": 5})
+    got = page.ordered_states({"failed": 1, "zeta": 2, "queued": 3, "delivered": 4, "alpha": 5})
     assert got == [("queued", 3), ("delivered", 4), ("failed", 1), ("alpha", 5), ("zeta", 2)]
 
 
 def test_tenant_view_load_against_limit() -> None:
-    t = statuspage.tenant_view({"name": "a", "rate_limit": 80, "outbound_per_minute": 2400})
+    t = page.tenant_view({"name": "a", "rate_limit": 80, "outbound_per_minute": 2400})
     assert (t["load"], t["limit_per_minute"]) == (0.5, 4800)
-    assert statuspage.tenant_view({"name": "a", "rate_limit": 0, "outbound_per_minute": 5})["load"] is None
+    assert page.tenant_view({"name": "a", "rate_limit": 0, "outbound_per_minute": 5})["load"] is None
 
 
 # ------------------------------------------------------------------ events that need a person (issue 11)

@@ -25,8 +25,8 @@ from alfred_bot.graph import send_attributes
 from alfred_bot.router import Router
 from tests import payloads
 from tests.conftest import ACCESS_TOKEN, APP_SECRET, PROD_ENV, db_rows, prod_config, wait_for
-from tests.fakes import FakeGraph
-from tests.test_orchestrator import API_KEY, FakeOrchestrator, Reply
+from tests.fakes import FakeGraph, FakeOrchestrator, Reply
+from tests.test_orchestrator import API_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "my secret plans for tuesday"

@@ -18,7 +18,7 @@ from alfred_bot.store.base import (
 )
 from alfred_bot.store.factory import make_store
 from alfred_bot.store.ids import new_outbox_id
-from alfred_bot.store.sqlite import SqliteStore
+from alfred_bot.store.sqlite.engine import SqliteStore
 
 __all__ = [
     "AuditEntry",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alfred_bot.store.base import Store
-from alfred_bot.store.sqlite import SqliteStore
+from alfred_bot.store.sqlite.engine import SqliteStore
 
 
 def make_store(location: str | Path, *, read_only: bool = False) -> Store:

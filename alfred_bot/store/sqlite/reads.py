@@ -12,9 +12,9 @@ from typing import Any
 
 import aiosqlite
 
-from alfred_bot.store import events as event_log
-from alfred_bot.store import inbox, outbox
 from alfred_bot.store.base import StoreError
+from alfred_bot.store.sqlite import events as event_log
+from alfred_bot.store.sqlite import inbox, outbox
 
 _CONVERSATION = """
 SELECT * FROM (SELECT 'in' AS direction, type, text, received_at AS at, NULL AS state, NULL AS payload, seq FROM inbox

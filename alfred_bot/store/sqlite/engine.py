@@ -18,12 +18,12 @@ from typing import IO, Any
 import aiosqlite
 
 from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
-from alfred_bot.store import events as event_log
-from alfred_bot.store import inbox, outbox, retention
 from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
-from alfred_bot.store.reads import SqliteReads
-from alfred_bot.store.schema import SCHEMA_VERSION, migrate
-from alfred_bot.store.writer import GroupWriter
+from alfred_bot.store.sqlite import events as event_log
+from alfred_bot.store.sqlite import inbox, outbox, retention
+from alfred_bot.store.sqlite.reads import SqliteReads
+from alfred_bot.store.sqlite.schema import SCHEMA_VERSION, migrate
+from alfred_bot.store.sqlite.writer import GroupWriter
 
 log = logging.getLogger("alfred.store")
 

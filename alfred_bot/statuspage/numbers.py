@@ -21,9 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
-from alfred_bot import __version__, attention, keys
+from alfred_bot import __version__, keys
 from alfred_bot.privacy import mask
 from alfred_bot.security import api_token_of, token_ok
+from alfred_bot.statuspage import attention
 from alfred_bot.telemetry import HealthStatus, health_status
 
 DAY = 86400.0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from alfred_bot.status import authorized, collect
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-STATIC = Path(__file__).resolve().parent.parent / "static"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+STATIC = Path(__file__).resolve().parents[2] / "static"
 POLL_MS = 3000
 
 #: The outbox states in the order a message goes through them; others follow alphabetically.
@@ -97,7 +94,8 @@ SECURITY_HEADERS = {
 
 
 def setup(app: web.Application) -> None:
-    """Register the template engine, `GET /` and `/static/` on `app`."""
+    """Register the template engine, its filters, `/static/` and the page's headers on `app`
+    (the routes themselves are in `routes`)."""
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -105,21 +103,8 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
         filters=FILTERS,
     )
-    app.router.add_get("/", page, name="status_page")
     app.router.add_static("/static/", STATIC, name="alfred_static", append_version=True)
     app.on_response_prepare.append(_harden)
-
-
-async def page(request: web.Request) -> web.Response:
-    """The status page, rendered from the same data as `/status.json` (503 while unavailable).
-
-    A browser's navigation carries no token, so it gets the open view; `status.js` then fetches
-    the detailed one with the token kept in the tab. `curl -H "Authorization: Bearer …"` gets it here.
-    """
-    data = await collect(request.app, detailed=authorized(request))
-    context = {**view(data), "rendered_at": time.time()}
-    status = 200 if context["status"] == "ok" else 503
-    return aiohttp_jinja2.render_template("status.html", request, context, status=status)
 
 
 async def _harden(request: web.Request, response: web.StreamResponse) -> None:

@@ -1,4 +1,6 @@
-"""Retention in SQL: scrub personal data from old rows, delete older ones (see `alfred_bot.retention`).
+"""SQLite's scrub and purge statements: HOW old rows lose personal data and go.
+
+When to run them (hot period, delete period, the loop) is the job in `alfred_bot.retention`.
 
 Each function does at most one batch per table, so a pass is many short transactions.
 """

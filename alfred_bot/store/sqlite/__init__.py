@@ -1,0 +1,1 @@
+"""The SQLite engine: SqliteStore and the SQL it runs, one module per concern."""
