@@ -54,9 +54,17 @@ class ServerConfig(_Section, frozen=True):
 
 
 class StorageConfig(_Section, frozen=True):
-    """Where the SQLite database lives (relative paths are relative to the config file)."""
+    """Where data lives. `path`: the SQLite database (relative paths are relative to the config
+    file), and beside it the local files every engine keeps (privacy key, media). `url`: a
+    PostgreSQL database shared by several nodes instead (`ALFRED_DATABASE_URL` wins: a URL with a
+    password belongs in the environment, not in this file)."""
 
     path: str = "data/alfred.db"
+    url: str = ""
+    #: Connections per process to PostgreSQL (the webhook, the dispatcher and the senders share them).
+    pool_size: int = 10
+    #: A node silent this long loses its leased messages and sends to the others.
+    takeover_seconds: float = 15.0
 
 
 class GraphConfig(_Section, frozen=True):
@@ -304,6 +312,12 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def database_url(cfg: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """The PostgreSQL URL this process should use, or None for the embedded SQLite database."""
+    env = os.environ if environ is None else environ
+    return _env(env, "ALFRED_DATABASE_URL") or cfg.storage.url or None
+
+
 def sandbox_secret(storage_path: str | Path) -> str:
     """The random sandbox app secret of this install, created (mode 0600) beside the database.
 
@@ -422,6 +436,12 @@ def _check(cfg: Config) -> None:
     checks: list[tuple[bool, str]] = [
         (1 <= cfg.server.port <= 65535, "server.port: must be between 1 and 65535"),
         (bool(cfg.storage.path.strip()), "storage.path: must not be empty"),
+        (
+            not cfg.storage.url or cfg.storage.url.startswith(("postgresql://", "postgres://")),
+            "storage.url: must start with postgresql:// (empty: SQLite at storage.path)",
+        ),
+        (1 <= cfg.storage.pool_size <= 200, "storage.pool_size: must be between 1 and 200"),
+        (cfg.storage.takeover_seconds >= 3, "storage.takeover_seconds: must be >= 3"),
         (cfg.graph.base_url.startswith(("http://", "https://")), "graph.base_url: must start with http:// or https://"),
         (re.fullmatch(r"v\d+\.\d+", cfg.graph.api_version) is not None, "graph.api_version: must look like v23.0"),
         (cfg.graph.timeout_seconds > 0, "graph.timeout_seconds: must be > 0"),
@@ -568,6 +588,6 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     cfg = parse_config(data)
     base = path.resolve().parent
-    storage = StorageConfig(path=str(base / cfg.storage.path))  # an absolute path stays as it is
+    storage = msgspec.structs.replace(cfg.storage, path=str(base / cfg.storage.path))  # absolute stays as is
     media = msgspec.structs.replace(cfg.media, path=str(base / cfg.media.path) if cfg.media.path else "")
     return msgspec.structs.replace(cfg, storage=storage, media=media)

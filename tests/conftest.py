@@ -22,6 +22,9 @@ from alfred_bot.store import Completion, PendingMessage, SqliteStore
 from tests import payloads
 from tests.fakes import FakeGraph, FakeOrchestrator
 
+#: `pg_server` / `pg_url`: a throwaway PostgreSQL server for the tests of the shared engine.
+pytest_plugins = ("tests.pgserver",)
+
 APP_SECRET = "test-app-secret-0123456789"
 VERIFY_TOKEN = "test-verify-token"
 API_TOKEN = "test-api-token"

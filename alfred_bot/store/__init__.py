@@ -1,12 +1,16 @@
 """Durable storage behind small role interfaces (`Inbox`, `Outbox`, `Queries`, `Maintenance`;
-`Store` is all four); SQLite is the embedded default, `make_store` picks the engine."""
+`Cluster` for several nodes; `Store` is all five); SQLite is the embedded default, `make_store` picks the engine."""
 
 from alfred_bot.store.base import (
+    ARCHIVE_TABLES,
+    ArchiveBatch,
     AuditEntry,
+    Cluster,
     Completion,
     Inbox,
     InboxState,
     Maintenance,
+    NodeInfo,
     Outbox,
     OutboxJob,
     OutboxRow,
@@ -16,16 +20,20 @@ from alfred_bot.store.base import (
     Store,
     StoreError,
 )
-from alfred_bot.store.factory import make_store
+from alfred_bot.store.factory import configured_store, describe, make_store
 from alfred_bot.store.ids import new_outbox_id
 from alfred_bot.store.sqlite.engine import SqliteStore
 
 __all__ = [
+    "ARCHIVE_TABLES",
+    "ArchiveBatch",
     "AuditEntry",
+    "Cluster",
     "Completion",
     "Inbox",
     "InboxState",
     "Maintenance",
+    "NodeInfo",
     "Outbox",
     "OutboxJob",
     "OutboxRow",
@@ -35,6 +43,8 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "configured_store",
+    "describe",
     "make_store",
     "new_outbox_id",
 ]

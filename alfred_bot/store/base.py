@@ -8,7 +8,7 @@ engines. The embedded SQLite store is the default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -229,6 +229,22 @@ class Queries(Protocol):
         """Graph API calls, newest first."""
 
 
+#: The tables whose rows `scrub` changes, in the order the archive writes them.
+ARCHIVE_TABLES = ("inbox", "outbox", "statuses", "events", "rejected")
+
+
+class ArchiveBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """The rows the next scrub would change, read before it changes them, so they can be copied
+    to cold storage first (`alfred_bot.archive`): per table, every column as stored (`bytes` for
+    raw bodies and payloads) and, in the same order, each row's key for `scrub(only=...)`."""
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    keys: dict[str, list[str | int]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self.keys.values())
+
+
 class Maintenance(Protocol):
     """Lifecycle, health and retention: what wiring, /healthz and the retention job need."""
 
@@ -244,15 +260,62 @@ class Maintenance(Protocol):
     async def healthy(self) -> bool:
         """True while the database answers and the writer runs."""
 
-    async def scrub(self, key: bytes, cutoff: float) -> int:
+    async def scrub(self, key: bytes, cutoff: float, only: Mapping[str, Sequence[str | int]] | None = None) -> int:
         """Remove texts and raw bodies and pseudonymise numbers in one batch of finished rows older
-        than `cutoff` (never a pending message or a queued send; opt-outs stay); rows changed."""
+        than `cutoff` (never a pending message or a queued send; opt-outs stay); rows changed.
+
+        With `only` (table -> keys, from `archive_batch`), only those rows, if they still qualify:
+        what was archived is what gets scrubbed, and nothing that was not archived."""
+
+    async def archive_batch(self, cutoff: float, limit: int) -> ArchiveBatch:
+        """Read, change nothing: up to `limit` rows of each `ARCHIVE_TABLES` table that `scrub(key,
+        cutoff)` would change now, each with every column named as in the SQLite schema (engine-only
+        columns may be left out); `keys` holds their keys (inbox `seq`, outbox `id`, else `key`)."""
 
     async def purge(self, cutoff: float) -> int:
         """Delete one batch of finished rows older than `cutoff`; 0 when nothing is left."""
 
 
-class Store(Inbox, Outbox, Queries, Maintenance, Protocol):
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Who this process is, for the heartbeat row other nodes and the status page read."""
+
+    id: str
+    host: str
+    role: str  # all | web | worker
+    version: str
+    started_at: float
+    pid: int
+
+
+class Cluster(Protocol):
+    """What several processes sharing one database need (PostgreSQL); the embedded engine has one
+    process, so there `take` is its own scan, `nodes` lists only itself and `watch` never fires."""
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes may use the same database at the same time."""
+
+    async def take(self, limit: int) -> list[PendingMessage]:
+        """Lease up to `limit` pending messages to this node, oldest first, each the oldest pending
+        message of its user (tenant, sender) that no live node holds: per-user order across nodes.
+
+        A lease lasts `takeover_seconds` and the node's heartbeat renews it; a node that stops
+        heartbeating loses it to the others. `complete` ends it."""
+
+    async def release(self, event_id: str, phone_number_id: str) -> None:
+        """Give back a taken message this node could not finish (its dispatch failed): it stays
+        pending, and any node, this one included, may take it again."""
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Nodes seen in the last day, newest first: `id`, `host`, `role`, `version`, `pid`,
+        `started_at`, `seen_at`, `alive` (heartbeat within `takeover_seconds`)."""
+
+    def watch(self, on_inbox: Callable[[], None], on_outbox: Callable[[], None]) -> None:
+        """Call `on_inbox` when any node accepted new messages, `on_outbox` when any node queued
+        sends (LISTEN/NOTIFY), so workers wake without polling. Callbacks run on the event loop."""
+
+
+class Store(Inbox, Outbox, Queries, Maintenance, Cluster, Protocol):
     """Every role at once: what the wiring holds and what an engine implements.
 
     Every write is committed before the call returns. An engine proves itself by passing the

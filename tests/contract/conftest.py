@@ -8,12 +8,14 @@ only the store's public interface: no SQL, no driver, no private attribute.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from alfred_bot.store import SqliteStore, Store
+from alfred_bot.store.postgres.engine import PostgresStore
+from tests import pgserver
 
 #: A fixed start (2026-01-01 UTC) far from 0, so "older than a cutoff" arithmetic is realistic.
 START = 1_767_225_600.0
@@ -40,8 +42,33 @@ def _sqlite(directory: Path, clock: FakeClock, read_only: bool) -> Store:
     return SqliteStore(directory / "alfred.db", clock=clock, read_only=read_only)
 
 
-#: Engine name -> factory. A new engine adds one entry (issue 15: "postgres").
-ENGINES: dict[str, Factory] = {"sqlite": _sqlite}
+#: Test directory -> its database on the shared test server (the read-only handle opens the same one).
+_DATABASES: dict[Path, str] = {}
+
+
+def _postgres(directory: Path, clock: FakeClock, read_only: bool) -> Store:
+    """An empty database per test on the session's PostgreSQL server (tests/pgserver.py)."""
+    if directory not in _DATABASES:
+        _DATABASES[directory] = pgserver.shared_server().clean_database()
+    return PostgresStore(_DATABASES[directory], clock=clock, read_only=read_only)
+
+
+def _forget(directory: Path) -> None:
+    """Give the test's database back, emptied, for the next test (if it had one)."""
+    url = _DATABASES.pop(directory, None)
+    if url is not None:
+        pgserver.shared_server().recycle(url)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_postgres() -> Iterator[None]:
+    """Stop the test server at the end of the session, if a test started it."""
+    yield
+    pgserver.stop_shared()
+
+
+#: Engine name -> factory. A new engine adds one entry.
+ENGINES: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
 
 Reopen = Callable[[], Awaitable[Store]]
 
@@ -54,11 +81,14 @@ def clock() -> FakeClock:
 @pytest.fixture(params=list(ENGINES))
 async def engine_store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
     store = ENGINES[request.param](tmp_path, clock, False)
-    await store.open()
     try:
-        yield store
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
     finally:
-        await store.close()
+        _forget(tmp_path)
 
 
 @pytest.fixture

@@ -11,16 +11,26 @@ import fcntl
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import aiosqlite
 
 from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
-from alfred_bot.store.base import Completion, OutboxJob, OutboxRow, PendingMessage, Settlement, StoreError
+from alfred_bot.store.base import (
+    ArchiveBatch,
+    Completion,
+    NodeInfo,
+    OutboxJob,
+    OutboxRow,
+    PendingMessage,
+    Settlement,
+    StoreError,
+)
 from alfred_bot.store.sqlite import events as event_log
 from alfred_bot.store.sqlite import inbox, outbox, retention
+from alfred_bot.store.sqlite.cluster import TAKE, LoneNode
 from alfred_bot.store.sqlite.reads import SqliteReads
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION, migrate
 from alfred_bot.store.sqlite.writer import GroupWriter
@@ -137,13 +147,16 @@ def _check_version(path: Path, version: int) -> None:
         raise StoreError(f"{path} has schema v{version}, this Alfred reads v{SCHEMA_VERSION}: start the server once")
 
 
-class SqliteStore(SqliteReads):
+class SqliteStore(SqliteReads, LoneNode):
     """The default `Store`: one SQLite file, safe against kill -9 and power loss.
 
     `read_only=True` is for the operator's commands beside a running server: it takes no lock,
     starts no writer and migrates nothing; it only reads, and refuses every write."""
 
-    def __init__(self, path: Path, *, clock: Any = time.time, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, clock: Any = time.time, read_only: bool = False, node: NodeInfo | None = None
+    ) -> None:
+        LoneNode.__init__(self, node, clock)
         self.path = path
         self.read_only = read_only
         self._clock = clock
@@ -180,13 +193,17 @@ class SqliteStore(SqliteReads):
         return await self._writer.submit(op)
 
     async def close(self) -> None:
-        await self._writer.close()
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
-        if self._lock is not None:
-            self._lock.close()  # closing the descriptor releases the flock
-            self._lock = None
+        """Even when the writer's close is interrupted, the reader (whose thread would keep the
+        interpreter from exiting) and the lock are released."""
+        try:
+            await self._writer.close()
+        finally:
+            if self._reader is not None:
+                reader, self._reader = self._reader, None
+                await reader.close()
+            if self._lock is not None:
+                self._lock.close()  # closing the descriptor releases the flock
+                self._lock = None
 
     async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
         if not len(body):
@@ -196,10 +213,29 @@ class SqliteStore(SqliteReads):
 
     async def complete(self, done: Completion) -> bool:
         result: bool = await self._write(_complete_op(done, self._clock()))
+        if self.taken:  # whether or not it was still pending, it is no longer held
+            self.taken.difference_update(await self._seqs(done.event_id, done.phone_number_id))
         return result
 
+    async def release(self, event_id: str, phone_number_id: str) -> None:
+        self.taken.difference_update(await self._seqs(event_id, phone_number_id))
+
+    async def _seqs(self, event_id: str, phone_number_id: str | None) -> list[int]:
+        sql = "SELECT seq FROM inbox WHERE event_id = ?" + (" AND phone_number_id = ?" if phone_number_id else "")
+        params = (event_id, phone_number_id) if phone_number_id else (event_id,)
+        return [row[0] for row in await self._fetch(sql, params)]
+
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
-        rows = await self._fetch(inbox.PENDING, (after_seq, limit))
+        return self._decoded(await self._fetch(inbox.PENDING, (after_seq, limit)))
+
+    async def take(self, limit: int) -> list[PendingMessage]:
+        rows = await self._fetch(TAKE, (limit + len(self.taken),))
+        fresh = [row for row in rows if row["seq"] not in self.taken][:limit]
+        self.taken.update(row["seq"] for row in fresh)
+        return self._decoded(fresh)
+
+    @staticmethod
+    def _decoded(rows: list[sqlite3.Row]) -> list[PendingMessage]:
         pending: list[PendingMessage] = []
         for row in rows:
             try:
@@ -263,9 +299,12 @@ class SqliteStore(SqliteReads):
         )
         return bool(rows) and rows[0][0] == "stop"
 
-    async def scrub(self, key: bytes, cutoff: float) -> int:
-        result: int = await self._write(lambda conn: retention.scrub_batch(conn, key, cutoff))
+    async def scrub(self, key: bytes, cutoff: float, only: Mapping[str, Sequence[str | int]] | None = None) -> int:
+        result: int = await self._write(lambda conn: retention.scrub_batch(conn, key, cutoff, only))
         return result
+
+    async def archive_batch(self, cutoff: float, limit: int) -> ArchiveBatch:
+        return await retention.archive_batch(self._fetch, cutoff, limit)
 
     async def purge(self, cutoff: float) -> int:
         result: int = await self._write(lambda conn: retention.delete_batch(conn, cutoff))

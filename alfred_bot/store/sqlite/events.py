@@ -56,7 +56,7 @@ def insert(conn: sqlite3.Connection, events: Sequence[EventItem], now: float) ->
         row = (event.key, event.field, event.tenant, event.phone_number_id, event.waba_id, event.raw, now, event.time)
         fresh = conn.execute(_INSERT_EVENT, row).rowcount == 1
         if fresh and event.field == "user_preferences" and event.tenant is not None:
-            conn.executemany(_UPSERT_PREFERENCE, _preference_rows(event, event.tenant, now))
+            conn.executemany(_UPSERT_PREFERENCE, preference_rows(event, event.tenant, now))
 
 
 def _timestamp(value: int | str | None) -> int | None:
@@ -67,7 +67,7 @@ def _timestamp(value: int | str | None) -> int | None:
     return None
 
 
-def _preference_rows(event: EventItem, tenant: str, now: float) -> list[tuple[Any, ...]]:
+def preference_rows(event: EventItem, tenant: str, now: float) -> list[tuple[Any, ...]]:
     """Usable items only: a user, a value; the time is Meta's, else the entry's, else ours."""
     try:
         items = _preferences.decode(event.raw).user_preferences

@@ -28,7 +28,7 @@ SELECT * FROM (SELECT 'out', type, NULL, created_at, state, payload, rowid FROM 
 """
 
 
-def _conversation_item(row: sqlite3.Row) -> dict[str, Any]:
+def conversation_item(row: sqlite3.Row) -> dict[str, Any]:
     item: dict[str, Any] = {"direction": row["direction"], "type": row["type"], "text": row["text"], "at": row["at"]}
     if row["direction"] == "out":
         item["state"] = row["state"]
@@ -114,7 +114,7 @@ class SqliteReads:
         rows = await self._fetch(_CONVERSATION, (tenant, user, limit, tenant, user, limit, tenant, user, limit))
         # both clocks are ours (received_at, created_at); within one instant, insertion order
         ordered = sorted(rows, key=lambda row: (row["at"], row["direction"] == "out", row["seq"]))
-        return [_conversation_item(row) for row in ordered][-limit:]
+        return [conversation_item(row) for row in ordered][-limit:]
 
     async def dead_letters(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
         rows = await self._fetch(

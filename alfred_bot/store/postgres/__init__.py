@@ -1,0 +1,1 @@
+"""The PostgreSQL store: several Alfred nodes sharing one database (issue 15)."""
