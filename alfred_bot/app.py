@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 from alfred_bot import api, hosts, keys, logs, privacy, tracing, webhook
-from alfred_bot.config import Config, Secrets
+from alfred_bot.cluster import JOIN_GRACE, SENDING_ROLES, ClusterView
+from alfred_bot.config import Config, ConfigError, Secrets
 from alfred_bot.context import Services
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import GraphTransport, SandboxTransport, Transport
@@ -32,7 +33,7 @@ from alfred_bot.retention import Retention
 from alfred_bot.router import Router
 from alfred_bot.security import BodyBudget, Redactor, identity_encoding
 from alfred_bot.statuspage import page, routes
-from alfred_bot.store import Store, StoreError, make_store
+from alfred_bot.store import Store, StoreError, configured_store
 from alfred_bot.telemetry import Telemetry
 
 log = logging.getLogger("alfred.app")
@@ -46,9 +47,12 @@ def create_app(
     routers: dict[str, Router] | None = None,
     transport: Transport | None = None,
     span_exporter: SpanExporter | None = None,
+    role: str = "all",
 ) -> web.Application:
     """Build the aiohttp app; store, routers and transport can be injected (tests, other engines).
 
+    `role`: `all` does everything; on a shared database `web` only takes webhooks and serves the
+    API and the page, `worker` only runs handlers and sends (and answers probes and /metrics).
     Tracing follows the `OTEL_*` variables (off by default); a `span_exporter` turns it on and
     receives every span as it ends (tests use the SDK's in-memory exporter)."""
     host_check = hosts.make_host_check(cfg.server.public_hosts, cfg.server.host)  # first: DNS rebinding
@@ -60,7 +64,12 @@ def create_app(
     )
     app[keys.CONFIG] = cfg
     app[keys.SECRETS] = secrets
-    app[keys.STORE] = store or make_store(cfg.storage.path)
+    app[keys.STORE] = store = store or configured_store(cfg, role=role)
+    if role not in ROLES:
+        raise ConfigError(f"--role: must be one of {', '.join(ROLES)}, got {role!r}")
+    if role != "all" and not store.shared:
+        raise ConfigError(f"--role {role} needs a database shared by several nodes (ALFRED_DATABASE_URL)")
+    app[keys.ROLE] = role
     app[keys.ROUTERS] = routers if routers is not None else routers_for(cfg)
     app[keys.TENANTS] = cfg.tenant_by_phone_number_id()
     app[keys.WABAS] = cfg.tenant_by_waba_id()
@@ -74,16 +83,19 @@ def create_app(
     app[keys.TELEMETRY] = Telemetry(cfg.tenants)
     app[keys.DRAINING] = asyncio.Event()
     _add_workers(app, cfg, secrets)
-    _add_routes(app)
+    _add_routes(app, role)
     page.setup(app)
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_drain)
     logs.quiet_bad_requests()
     app.cleanup_ctx.append(_redaction_ctx(redactor))
     app.cleanup_ctx.append(tracing.lifecycle(span_exporter))  # before the workers: flushed after they stop
-    for ctx in (_store_ctx, _sender_ctx, _dispatcher_ctx, _retention_ctx):
+    for ctx in (_store_ctx, _cluster_ctx, _sender_ctx, _dispatcher_ctx, _retention_ctx):
         app.cleanup_ctx.append(ctx)
     return app
+
+
+ROLES = ("all", "web", "worker")
 
 
 #: On every answer (404s, 401s, errors, static files, /metrics): nothing of ours is meant to be
@@ -148,13 +160,16 @@ def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
     )
 
 
-def _add_routes(app: web.Application) -> None:
+def _add_routes(app: web.Application, role: str) -> None:
+    """A worker answers probes, metrics and the page; webhooks and the API are for web nodes."""
     add_get, add_post = app.router.add_get, app.router.add_post
-    add_get("/webhook", webhook.verify)
-    add_post("/webhook", webhook.receive)
     add_get("/healthz", api.healthz)
     routes.add_routes(app)
     add_get("/metrics", api.metrics)
+    if role == "worker":
+        return
+    add_get("/webhook", webhook.verify)
+    add_post("/webhook", webhook.receive)
     add_get("/api/inbound", api.inbound)
     add_get("/api/events", api.events)
     add_post("/api/messages", api.send_message)
@@ -197,10 +212,29 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("store closed")
 
 
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """On a shared database: follow the other nodes (page) and take this node's share of each
+    number's rate (sending roles); the other nodes' queued sends wake this node's senders."""
+    store = app[keys.STORE]
+    if not store.shared:
+        yield
+        return
+    sending = app[keys.ROLE] in SENDING_ROLES
+    app[keys.CLUSTER] = view = ClusterView(store, on_share=app[keys.SENDER].split if sending else None)
+    await view.refresh()
+    if sending:
+        store.watch(lambda: None, app[keys.SENDER].wake)
+    view.start()
+    yield
+    await view.stop()
+
+
 async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
     transport, sender = app[keys.TRANSPORT], app[keys.SENDER]
-    await transport.start()
-    await sender.start()
+    await transport.start()  # the API's media upload uses it on every role
+    if app[keys.ROLE] in SENDING_ROLES:
+        # joining other nodes: wait until they have seen this one and lowered their share
+        await sender.start(hold=JOIN_GRACE if app[keys.STORE].shared else 0.0)
     yield
     await sender.stop(app[keys.CONFIG].dispatch.shutdown_grace_seconds)
     await transport.close()
@@ -208,10 +242,13 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher, orchestrator = app[keys.DISPATCHER], app[keys.ORCHESTRATOR]
+    working = app[keys.ROLE] in SENDING_ROLES
     await orchestrator.start()
-    await dispatcher.start()
+    if working:
+        await dispatcher.start()
     yield
-    await dispatcher.stop(app[keys.CONFIG].dispatch.shutdown_grace_seconds)
+    if working:
+        await dispatcher.stop(app[keys.CONFIG].dispatch.shutdown_grace_seconds)
     await orchestrator.close()
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 from aiohttp import web
 from yarl import URL
 
-from alfred_bot import __version__, commands
-from alfred_bot.app import create_app
+from alfred_bot import __version__, commands, privacy
+from alfred_bot.app import ROLES, create_app
 from alfred_bot.commands import http_url
-from alfred_bot.config import Config, ConfigError, Secrets, load_config, load_secrets, sandbox_secret
+from alfred_bot.config import Config, ConfigError, Secrets, database_url, load_config, load_secrets, sandbox_secret
 from alfred_bot.logs import setup_logging
 from alfred_bot.simulate import text_webhook
-from alfred_bot.store import StoreError
+from alfred_bot.store import StoreError, describe
 
 __all__ = ["announce", "main", "serve", "text_webhook"]
 
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     for p in (parser, run):
         p.add_argument("--host", help="listen address (overrides server.host)")
         p.add_argument("--port", type=int, help="listen port (overrides server.port)")
+        p.add_argument(
+            "--role",
+            choices=ROLES,
+            default="all",
+            help="all (default) | web: webhooks, API and page | worker: handlers and sends (needs PostgreSQL)",
+        )
     commands.add_parsers(sub, common)
     return parser
 
@@ -65,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command in commands.TOOLS:
         return commands.TOOLS[args.command](args, cfg, secrets)
-    return serve(cfg, secrets, host=args.host, port=args.port)
+    return serve(cfg, secrets, host=args.host, port=args.port, role=args.role)
 
 
 def _sandbox_secret(cfg: Config) -> str:
@@ -99,7 +105,13 @@ def announce(cfg: Config, secrets: Secrets) -> None:
     if cfg.orchestrator.url:
         where = URL(cfg.orchestrator.url).with_user(None).with_query(None)  # never log credentials in a URL
         log.info("orchestrator: texts no route claims go to %s", where)
-    log.info("storage: %s", cfg.storage.path)
+    _announce_storage(cfg)
+
+
+def _announce_storage(cfg: Config) -> None:
+    log.info("storage: %s", describe(cfg))
+    if database_url(cfg) and not os.environ.get(privacy.KEY_ENV, "").strip():
+        log.warning("%s is not set: each node pseudonymises old numbers with its own key", privacy.KEY_ENV)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -121,8 +133,10 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 1000)
 
 
-def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int | None = None) -> int:
-    """Run the server until SIGINT/SIGTERM."""
+def serve(
+    cfg: Config, secrets: Secrets, *, host: str | None = None, port: int | None = None, role: str = "all"
+) -> int:
+    """Run the server until SIGINT/SIGTERM, as `role` (see `app.create_app`)."""
     setup_logging(cfg.logging.level, cfg.logging.format, cfg.logging.library_level)
     announce(cfg, secrets)
     host = host or cfg.server.host
@@ -130,7 +144,8 @@ def serve(cfg: Config, secrets: Secrets, *, host: str | None = None, port: int |
     try:
         if not 1 <= port <= 65535:
             raise ConfigError(f"--port: must be between 1 and 65535, got {port}")
-        app = create_app(cfg, secrets)
+        app = create_app(cfg, secrets, role=role)
+        log.info("role: %s", role)
         _tune_gc()
         # Bind before the app starts, so a busy port fails before the store or workers run.
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -37,7 +37,7 @@ from alfred_bot.orchestrator import Orchestrator, orchestrator_fallback
 from alfred_bot.parse import InboundItem, StatusItem
 from alfred_bot.prometheus import Metrics
 from alfred_bot.router import Middleware, Next, Router
-from alfred_bot.store import Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
+from alfred_bot.store import Cluster, Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
 from alfred_bot.tasks import stop_workers
 from alfred_bot.telemetry import Telemetry
 
@@ -45,14 +45,16 @@ log = logging.getLogger("alfred.dispatch")
 
 SCAN_BATCH = 200
 RETRY_DELAY = 1.0
+#: On a shared database: how often to look for messages a dead node left (NOTIFY covers the rest).
+TAKE_POLL = 1.0
 #: A handler still running after this long gets its read receipt (and "typing…") sent at once.
 EARLY_RECEIPT_AFTER = 0.2
 COMMIT_RETRY_CAP = 30.0
 
 
-class DispatchStore(Inbox, Outbox, Protocol):
-    """What dispatch needs of the store: pending messages and their completions, and the outbox
-    (replies of status routes, early read receipts)."""
+class DispatchStore(Inbox, Outbox, Cluster, Protocol):
+    """What dispatch needs of the store: pending messages and their completions, the outbox
+    (replies of status routes, early read receipts) and, on a shared database, `take`."""
 
 
 class Dispatcher:
@@ -84,6 +86,9 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._stopping = False
+        #: Several nodes share the database: messages are leased with `take` (per-user order
+        #: across nodes), never offered straight from the webhook.
+        self._shared = store.shared
 
     async def start(self) -> None:
         """Start workers and the catch-up scan (which also picks up what a crash left pending)."""
@@ -92,6 +97,9 @@ class Dispatcher:
             asyncio.create_task(self._worker(), name=f"alfred-handler-{i}") for i in range(self._cfg.workers)
         ]
         self._tasks.append(asyncio.create_task(self._catch_up(), name="alfred-catch-up"))
+        if self._shared:
+            self._store.watch(self._backlog.set, lambda: None)
+            self._tasks.append(asyncio.create_task(_every(TAKE_POLL, self._backlog.set), name="alfred-take-poll"))
 
     @property
     def running(self) -> bool:
@@ -121,6 +129,9 @@ class Dispatcher:
         for item in items:
             if isinstance(item, StatusItem):
                 self._offer_status(item)
+                continue
+            if self._shared:  # leased by whichever node takes it first, in its user's order
+                self._backlog.set()
                 continue
             if item.key in self._inflight:
                 continue
@@ -152,6 +163,9 @@ class Dispatcher:
                 self._retry_later()
 
     async def _scan(self) -> None:
+        if self._shared:
+            await self._take()
+            return
         cursor: int | None = 0
         try:
             while cursor is not None:
@@ -178,6 +192,17 @@ class Dispatcher:
             self._telemetry.dispatch["recovered"] += 1
             await self.queue.put(pending.item.tenant or "", pending.item)
         return batch[-1].seq
+
+    async def _take(self) -> None:
+        """Lease as many pending messages as the queue has room for (shared database)."""
+        while (room := self.queue.maxsize - self.queue.qsize()) > 0 and not self._stopping:
+            batch = await self._store.take(min(room, SCAN_BATCH))
+            for pending in batch:
+                if pending.item.key not in self._inflight:
+                    self._inflight.add(pending.item.key)
+                    await self.queue.put(pending.item.tenant or "", pending.item)  # statuses may have come first
+            if len(batch) < min(room, SCAN_BATCH):
+                return
 
     def _retry_later(self) -> None:
         asyncio.get_running_loop().call_later(RETRY_DELAY, self._backlog.set)
@@ -206,11 +231,15 @@ class Dispatcher:
                 await self._runner.message(item)
         except Exception:  # a bug here must not kill the worker; the message stays pending
             log.exception("dispatch of %s failed; it stays pending", item.message.id)
+            if self._shared:
+                await _give_back(self._store, item)
             self._retry_later()
         finally:
             self._inflight.discard(item.key)
             if self._done_during_scan is not None:
                 self._done_during_scan.add(item.key)
+            if self._shared:  # the user's next message may be taken now
+                self._backlog.set()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Let busy workers finish their message (up to `grace` s); the rest stays pending."""
@@ -218,6 +247,20 @@ class Dispatcher:
         await stop_workers(self._tasks, self._busy, grace)
         self._tasks = []
         await self._runner.close()
+
+
+async def _every(seconds: float, callback: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        callback()
+
+
+async def _give_back(store: DispatchStore, item: InboundItem) -> None:
+    """Shared database: release the lease, or this node would hold the user until it stops."""
+    try:
+        await store.release(item.message.id, item.phone_number_id)
+    except StoreError as exc:  # the heartbeat keeps the lease; a restart or takeover frees it
+        log.error("cannot give %s back: %s", item.message.id, exc)
 
 
 def mount_routers(

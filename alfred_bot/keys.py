@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from alfred_bot.cluster import ClusterView
 from alfred_bot.config import Config, Secrets
 from alfred_bot.dispatch import Dispatcher
 from alfred_bot.graph import Transport
@@ -29,6 +30,10 @@ ROUTERS = web.AppKey("routers", dict[str, Router])
 TENANTS = web.AppKey("tenants", dict[str, str])
 WABAS = web.AppKey("wabas", dict[str, str])  # WhatsApp Business Account id -> its one tenant
 STARTED_AT = web.AppKey("started_at", float)
+#: all | web (webhooks, API, page) | worker (handlers and sends): `python main.py serve --role`.
+ROLE = web.AppKey("role", str)
+#: The other nodes on a shared database (absent on the embedded one).
+CLUSTER = web.AppKey("cluster", ClusterView)
 #: Every counter, rate, latency window and Prometheus metric of the app (see telemetry.py).
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 RETENTION = web.AppKey("retention", Retention)

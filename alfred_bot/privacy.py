@@ -12,7 +12,10 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
+
+from alfred_bot.config import ConfigError
 
 KEY_FILE = "retention-key"
 PSEUDONYM_PREFIX = "h:"
@@ -33,8 +36,23 @@ def pseudonym(key: bytes, user: str) -> str:
     return PSEUDONYM_PREFIX + hmac.new(key, user.encode(), hashlib.sha256).hexdigest()[:24]
 
 
-def install_key(folder: Path) -> bytes:
-    """This install's pseudonym key, created (mode 0600) beside the database on first use."""
+#: The key from the environment (64 hex digits), for nodes sharing one database: every node must
+#: pseudonymise a number the same way, so they cannot each create their own file.
+KEY_ENV = "ALFRED_PRIVACY_KEY"
+
+
+def install_key(folder: Path, environ: Mapping[str, str] | None = None) -> bytes:
+    """This install's pseudonym key: `ALFRED_PRIVACY_KEY` if set, else a file created (mode 0600)
+    beside the database on first use."""
+    given = (os.environ if environ is None else environ).get(KEY_ENV, "").strip()
+    if given:
+        try:
+            key = bytes.fromhex(given)
+        except ValueError:
+            key = b""
+        if len(key) < 16:
+            raise ConfigError(f"{KEY_ENV}: must be at least 32 hex digits (e.g. from `openssl rand -hex 32`)")
+        return key
     path = folder / KEY_FILE
     folder.mkdir(parents=True, exist_ok=True)
     try:

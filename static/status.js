@@ -205,6 +205,13 @@
     }));
   }
 
+  function nodesText(nodes) {
+    var live = nodes.filter(function (n) { return n.alive === true; });
+    var gone = nodes.length - live.length;
+    return live.length + " alive" + (live.length ? ": " + live.map(function (n) { return visible(n.role); }).join(", ") : "")
+      + (gone ? " \u00b7 " + gone + " gone" : "");
+  }
+
   function render(data) {
     var ok = data.status === "ok", mode = String(data.mode || "unknown"), q = obj(data.queues);
     detailedView = data.view === "detailed";
@@ -218,6 +225,7 @@
     text("uptime", duration(data.uptime_seconds));
     text("q-dispatch", count(q.dispatch) + " / " + count(q.dispatch_size));
     text("q-send", count(q.send));
+    text("nodes", nodesText(arr(data.nodes).map(obj)));
     var tenants = document.getElementById("tenants");
     if (tenants) tenants.replaceChildren.apply(tenants, arr(data.tenants).map(function (t) { return card(obj(t)); }));
     rows("attention", arr(data.attention).map(obj), 4, attentionRow, "Nothing needs attention.");

@@ -66,7 +66,10 @@ class Pump:
         """The row is settled (or its lease will bring it back): it may be claimed again."""
         self._held.discard(job_id)
 
-    async def run(self) -> None:
+    async def run(self, hold: float = 0.0) -> None:
+        """Claim and hand out sends until stopped; the first claim after `hold` s (a node joining
+        others waits until they have lowered their share of the rate)."""
+        await asyncio.sleep(hold)
         while not self.stopping:
             try:
                 await self._pump_once()

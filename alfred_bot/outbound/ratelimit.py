@@ -67,6 +67,9 @@ class Pacer(Protocol):
     def record(self) -> None:
         """Count one start now (a best-effort send that found a free slot)."""
 
+    def split(self, nodes: int) -> None:
+        """Send for one of `nodes` processes sharing the number: at most 1/nodes of its rate."""
+
     def slow_down(self, factor: float, duration: float) -> None:
         """Meta said "too fast": multiply the rate by `factor`, climbing back to full over `duration` s."""
 
@@ -115,11 +118,16 @@ class SlidingWindowLimiter:
         self._starts: deque[float] = deque()
         self._aimd = Aimd(clock=clock)
         self._tat = 0.0  # GCRA "theoretical arrival time" of the next evenly spaced start
+        self._nodes = 1
 
     @property
     def capacity(self) -> int:
-        """How many starts the current window allows (lower while slowed down)."""
-        return max(1, math.floor(self.rate * self._aimd.factor()))
+        """How many starts the current window allows (lower while slowed down or shared)."""
+        return max(1, math.floor(self.rate * self._aimd.factor() / self._nodes))
+
+    def split(self, nodes: int) -> None:
+        """Take an equal share of the number's rate: `nodes` processes send for it at once."""
+        self._nodes = max(1, nodes)
 
     @property
     def window(self) -> float:

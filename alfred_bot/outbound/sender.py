@@ -76,13 +76,14 @@ class Sender:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, hold: float = 0.0) -> None:
+        """Start the workers; the first send only after `hold` s (see `Pump.run`)."""
         for lane in self._lanes.values():
             self._tasks += [
                 asyncio.create_task(self._crew.run(lane), name=f"alfred-sender-{lane.tenant}-{i}")
                 for i in range(lane.workers)
             ]
-        self._tasks.append(asyncio.create_task(self._pump.run(), name="alfred-pump"))
+        self._tasks.append(asyncio.create_task(self._pump.run(hold), name="alfred-pump"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="alfred-probe"))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -125,6 +126,12 @@ class Sender:
     def slowed(self, tenant: str) -> bool:
         """True while the tenant's number runs slower after a throughput error from Meta."""
         return self._lanes[tenant].limiter.slowed
+
+    def split(self, nodes: int) -> None:
+        """`nodes` processes send for every number (a shared database without a shared limiter):
+        each paces itself to an equal share, so together they never exceed the rate."""
+        for lane in self._lanes.values():
+            lane.limiter.split(nodes)
 
     def wake(self) -> None:
         """New rows were queued: claim now rather than at the next poll."""

@@ -37,6 +37,7 @@ EVENTS_PER_TENANT = 10
 OPEN_FAILURE = ("tenant", "at")
 OPEN_DEAD_LETTER = ("tenant", "type", "attempts", "error_code", "created_at")
 OPEN_PAUSE = ("kind", "code", "since")
+OPEN_NODE = ("role", "version", "alive", "seen_at", "started_at")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ async def health(app: web.Application) -> Health:
     """Ask the store, the workers and the shutdown flag; the one verdict every view shows."""
     store_ok = await app[keys.STORE].healthy()
     draining = app[keys.DRAINING].is_set()
-    running = app[keys.DISPATCHER].running and app[keys.SENDER].running
+    running = app[keys.ROLE] == "web" or (app[keys.DISPATCHER].running and app[keys.SENDER].running)
     return Health(health_status(store_ok=store_ok, workers_running=running, draining=draining), store_ok, draining)
 
 
@@ -139,6 +140,13 @@ async def _attention(app: web.Application, detailed: bool) -> list[dict[str, Any
     return rows if detailed else [_only(row, attention.OPEN_KEYS) for row in rows]
 
 
+async def _nodes(app: web.Application, detailed: bool) -> list[dict[str, Any]]:
+    """Every node on the database (this one alone on SQLite); host names and ids need the token."""
+    view = app.get(keys.CLUSTER)
+    nodes = view.nodes if view is not None else await app[keys.STORE].nodes()
+    return [dict(n) if detailed else _only(n, OPEN_NODE) for n in nodes]
+
+
 async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, Any]:
     """The whole picture as JSON-ready data: numbers masked, names and texts raw (views escape them).
 
@@ -156,6 +164,8 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
         "version": __version__,
         "uptime_seconds": round(time.time() - app[keys.STARTED_AT], 1),
         "draining": state.draining,
+        "role": app[keys.ROLE],
+        "nodes": await _nodes(app, detailed) if store_ok else [],
         "tenants": [_tenant(app, name, by_tenant.get(name, {}), delivery.get(name), detailed) for name in cfg.tenants],
         "queues": {
             "dispatch": dispatcher.queue.qsize(),

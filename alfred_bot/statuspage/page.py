@@ -129,6 +129,8 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
         "uptime_seconds": _num(data.get("uptime_seconds")),
         "draining": bool(data.get("draining")),
         "queues": {k: _num(queues.get(k)) for k in ("dispatch", "dispatch_size", "send")},
+        "role": str(data.get("role") or "all"),
+        "nodes": [_node(n) for n in _list(data.get("nodes"))],
         "tenants": [tenant_view(t) for t in _list(data.get("tenants"))],
         "failures": [_pick(f, FAILURE_KEYS) for f in _list(data.get("recent_failures"))],
         "dead_letters": [_pick(d, DEAD_LETTER_KEYS) for d in _list(data.get("dead_letters"))],
@@ -137,6 +139,11 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
         "graph_codes": GRAPH_CODES,
         "poll_ms": POLL_MS,
     }
+
+
+def _node(raw: Any) -> dict[str, Any]:
+    n = _dict(raw)
+    return {"alive": n.get("alive") is True, "role": str(n.get("role") or "?")}
 
 
 def tenant_view(raw: Any) -> dict[str, Any]:
