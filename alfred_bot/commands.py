@@ -1,4 +1,4 @@
-"""The operator's commands besides `serve`: simulate, send, status, dead-letters, check-config.
+"""The operator's commands besides `serve`: simulate, send, status, dead-letters, check-config, archive.
 
 They talk to the running server over loopback HTTP (the API needs `ALFRED_API_TOKEN`), except
 where a local read of the database answers as well (listing dead letters, the replies a simulated
@@ -12,20 +12,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-from alfred_bot.config import Config, Secrets
+from alfred_bot.archive import ArchiveError, S3Archive
+from alfred_bot.config import Config, ConfigError, Secrets
 from alfred_bot.loader import routers_for
-from alfred_bot.privacy import mask
+from alfred_bot.privacy import install_key, mask
+from alfred_bot.retention import Retention
 from alfred_bot.security import sign
 from alfred_bot.simulate import KINDS, simulated_body
-from alfred_bot.store import Queries, Store, StoreError, make_store
+from alfred_bot.store import Queries, Store, StoreError, configured_store, describe
 
 Tool = Callable[[argparse.Namespace, Config, Secrets], int]
 T = TypeVar("T")
@@ -75,6 +79,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     dead.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
     dead.add_argument("--url", help="server URL (default: from server.host/port)")
     sub.add_parser("check-config", parents=[common], help="validate the config, secrets and handlers, then exit")
+    sub.add_parser(
+        "archive", parents=[common], help="copy rows past retention.hot_days to retention.archive_url, then scrub them"
+    )
 
 
 def _simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -191,7 +198,7 @@ def _read(cfg: Config, query: Callable[[Queries], Awaitable[T]]) -> T:
     """Run one query on a read-only store beside the server (StoreError if it cannot be read)."""
 
     async def run() -> T:
-        store = make_store(cfg.storage.path, read_only=True)
+        store = configured_store(cfg, read_only=True)
         try:
             await store.open()
             return await query(store)
@@ -327,7 +334,7 @@ def _retry_locally(cfg: Config, ids: list[str] | None) -> int:
     database lock, so a server starting meanwhile waits for us) and queue the rows again."""
 
     async def run() -> int:
-        store: Store = make_store(cfg.storage.path)
+        store: Store = configured_store(cfg)
         try:
             await store.open()
             return await store.retry_dead(ids, time.time())
@@ -348,7 +355,7 @@ def _retry_locally(cfg: Config, ids: list[str] | None) -> int:
 def check_config(cfg: Config, secrets: Secrets) -> int:
     """Load everything `serve` would (handlers included) and say what would run; never a secret."""
     routers = routers_for(cfg)
-    print(f"config ok: {secrets.mode} mode, storage {cfg.storage.path}")
+    print(f"config ok: {secrets.mode} mode, storage {describe(cfg)}")
     for name, tenant in cfg.tenants.items():
         token = tenant.access_token_env if name in secrets.tenant_tokens else "WHATSAPP_ACCESS_TOKEN"
         signed_by = tenant.app_secret_env if name in secrets.tenant_app_secrets else "WHATSAPP_APP_SECRET"
@@ -362,6 +369,8 @@ def check_config(cfg: Config, secrets: Secrets) -> int:
     orch = cfg.orchestrator
     key = f" (key from {orch.api_key_env})" if secrets.orchestrator_key else ""
     print(f"  orchestrator: {orch.url or 'off'}{key}")
+    archive_to = S3Archive.from_config(cfg.retention, os.environ)  # missing credentials: ConfigError, exit 2
+    print(f"  archive: {archive_to.location + ' (keys from AWS_ACCESS_KEY_ID)' if archive_to else 'off'}")
     lim = cfg.limits
     print(f"  inbound limit: {lim.inbound_per_user or 'off'} per user per {lim.inbound_window_seconds:g} s")
     for missing in secrets.missing():
@@ -369,9 +378,44 @@ def check_config(cfg: Config, secrets: Secrets) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- archive
+
+
+def archive(args: argparse.Namespace, cfg: Config, secrets: Secrets) -> int:
+    """Archive and scrub now what the retention job would (it does so every pass by itself)."""
+    if not cfg.retention.archive_url:
+        return _fail("retention.archive_url is not set: there is nowhere to archive to", 2)
+    done = {"archived": 0, "objects": 0, "scrubbed": 0}
+    try:
+        where = asyncio.run(_archive(cfg, done))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    except StoreError as exc:
+        return _fail(f"cannot archive: {exc} (a running server archives by itself each retention pass)")
+    except ArchiveError as exc:
+        print(f"archived {done['archived']} row(s) in {done['objects']} object(s) before the failure", file=sys.stderr)
+        return _fail(f"archive failed, the rest stays unscrubbed: {exc}")
+    print(f"archived {done['archived']} row(s) in {done['objects']} object(s) to {where}; scrubbed {done['scrubbed']}")
+    return 0
+
+
+async def _archive(cfg: Config, done: dict[str, int]) -> str:
+    job_cfg = cfg.retention
+    store: Store = configured_store(cfg)
+    key = install_key(Path(cfg.storage.path).parent)  # the server's key: the same pseudonyms
+    job = Retention(store, job_cfg, key, cfg.media_dir(), media_days=cfg.media.retention_days)
+    await store.open()
+    try:
+        await job.archive_once(done)
+    finally:
+        await store.close()
+    return job.archive.location if job.archive else job_cfg.archive_url
+
+
 TOOLS: dict[str, Tool] = {
     "simulate": simulate,
     "send": send,
     "status": status,
     "dead-letters": dead_letters,
+    "archive": archive,
 }

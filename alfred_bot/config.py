@@ -199,6 +199,17 @@ class RetentionConfig(_Section, frozen=True):
     hot_days: float = 30.0
     delete_days: float = 90.0
     interval_seconds: float = 3600.0
+    #: `s3://bucket/prefix`: rows are copied there (gzip JSON lines) before they are scrubbed;
+    #: empty: scrubbed without a copy. Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only.
+    archive_url: str = ""
+    #: S3-compatible endpoint (MinIO, R2, a local test server), e.g. `https://ACCOUNT.r2.cloudflarestorage.com`;
+    #: empty: AWS S3 itself.
+    archive_endpoint: str = ""
+    archive_region: str = "us-east-1"
+
+
+#: A bucket name as S3 allows it, then an optional prefix of S3's "safe" characters.
+_ARCHIVE_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?")
 
 
 class TenantConfig(_Section, frozen=True):
@@ -557,6 +568,18 @@ def _check_sections(cfg: Config) -> None:
             "retention.delete_days: must be at least 8 (Meta redelivers for 7 days) and at least hot_days",
         ),
         (cfg.retention.interval_seconds > 0, "retention.interval_seconds: must be > 0"),
+        (
+            not cfg.retention.archive_url or _ARCHIVE_URL.fullmatch(cfg.retention.archive_url) is not None,
+            "retention.archive_url: must look like s3://bucket or s3://bucket/prefix (letters, digits, /._-!*'())",
+        ),
+        (
+            not cfg.retention.archive_endpoint or cfg.retention.archive_endpoint.startswith(("http://", "https://")),
+            "retention.archive_endpoint: must start with http:// or https:// (empty: AWS S3)",
+        ),
+        (
+            re.fullmatch(r"[a-z0-9-]{1,32}", cfg.retention.archive_region) is not None,
+            "retention.archive_region: must be a region name like us-east-1 (auto for R2)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

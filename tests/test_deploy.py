@@ -1,10 +1,14 @@
-"""deploy/: the Prometheus alert rules and the Grafana dashboard.
+"""deploy/: the Prometheus alert rules, the Grafana dashboard, the Alertmanager routes, the Fly.io
+configurations and the archive bucket's policy and lifecycle.
 
 Both must parse, use only metrics Alfred exports (checked against the brief's list and against
 the real app's GET /metrics), and the rules must pass `promtool check rules` and behave as their
 names say under `promtool test rules` (series in, alerts out). The dashboard's queries are checked
 by promtool too, as recording rules. Without promtool these tests skip locally and fail under CI,
-where `.ci/run` installs it (Debian's `prometheus` package).
+where `.ci/run` installs it (Debian's `prometheus` package); the same goes for amtool (Debian's
+`prometheus-alertmanager`), which checks `alertmanager.yml` and where each alert is routed.
+The Fly.io files are checked against what the app really does: the port it listens on, the health
+and metrics paths it serves, the signal it drains on, the roles its command line accepts.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,13 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus-alerts.yml"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 PROMTOOL = shutil.which("promtool")
+AMTOOL = shutil.which("amtool")
+ALERTMANAGER = DEPLOY / "alertmanager.yml"
+REPO = DEPLOY.parent
+FLY = DEPLOY / "fly.toml"
+FLY_POSTGRES = DEPLOY / "fly.postgres.toml"
+#: The alerts that page (the guide's on-call): ">= 10 % sends failing" and "quality dropped".
+PAGING = {"AlfredSendFailureRateHigh", "AlfredQualityOrTierChanged"}
 
 COUNTERS = {
     "alfred_webhook_requests_total",
@@ -82,12 +96,16 @@ def _dashboard_exprs() -> list[str]:
 
 
 def _promtool() -> str:
-    if PROMTOOL is None:
-        reason = "promtool not installed: `apt-get install prometheus` (Debian) provides it; .ci/run installs it"
+    return _tool(PROMTOOL, "promtool not installed: `apt-get install prometheus` (Debian) provides it")
+
+
+def _tool(path: str | None, reason: str) -> str:
+    """The tool's path; without it, skip locally and fail under CI (`.ci/run` installs it)."""
+    if path is None:
         if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return PROMTOOL
+            pytest.fail(f"{reason}; .ci/run installs it")
+        pytest.skip(f"{reason}; .ci/run installs it")
+    return path
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -297,3 +315,174 @@ def test_promtool_accepts_the_dashboard_queries(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
     result = _run("check", "rules", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------ Alertmanager
+
+
+def _alertmanager() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(ALERTMANAGER.read_text(encoding="utf-8"))
+    return data
+
+
+def _amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = _tool(AMTOOL, "amtool not installed: `apt-get install prometheus-alertmanager` (Debian) provides it")
+    return subprocess.run(
+        [tool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=60, check=False, encoding="utf-8"
+    )
+
+
+def test_the_paging_alerts_exist_in_the_rules() -> None:
+    """A renamed rule would silently stop paging: the names the routes match must be real."""
+    assert {r["alert"] for r in _rules()} >= PAGING
+    [paging] = [r for r in _alertmanager()["route"]["routes"] if r["receiver"] == "pagerduty-oncall"]
+    [matcher] = paging["matchers"]
+    assert matcher.startswith("alertname =~ ") and set(json.loads(matcher.split("=~ ", 1)[1]).split("|")) == PAGING
+
+
+def test_alertmanager_keeps_secrets_out_of_the_file() -> None:
+    data = _alertmanager()
+    [pagerduty] = next(r for r in data["receivers"] if r["name"] == "pagerduty-oncall")["pagerduty_configs"]
+    assert pagerduty["routing_key_file"].startswith("/etc/alertmanager/secrets/")
+    assert not {"routing_key", "service_key", "service_key_file"} & set(pagerduty)
+    assert "smtp_auth_password" not in data["global"] and data["global"]["smtp_auth_password_file"]
+    text = ALERTMANAGER.read_text(encoding="utf-8")
+    emails = re.findall(r"[\w.+-]+@([\w.-]+)", text)
+    assert emails and set(emails) == {"example.com"}  # placeholders, never someone's real address
+
+
+def test_amtool_check_config() -> None:
+    result = _amtool("check-config", str(ALERTMANAGER))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "2 receivers" in result.stdout
+
+
+@pytest.mark.parametrize("alert", sorted({r["alert"] for r in _rules()}))
+def test_each_alert_reaches_the_promised_receivers(alert: str) -> None:
+    """Paging alerts go to PagerDuty (and the team's mail); every other alert to the mail only."""
+    expected = "pagerduty-oncall,team-mail" if alert in PAGING else "team-mail"
+    rule = next(r for r in _rules() if r["alert"] == alert)
+    labels = [f"alertname={alert}", "tenant=home", f"severity={rule['labels']['severity']}"]
+    result = _amtool(
+        "config", "routes", "test", f"--config.file={ALERTMANAGER}", f"--verify.receivers={expected}", *labels
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == expected
+
+
+# ------------------------------------------------------------------------------ Fly.io
+
+
+def _fly(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+#: Keys of Fly's app configuration reference (fly.io/docs/reference/configuration) these files may use.
+FLY_KEYS = {"app", "primary_region", "kill_signal", "kill_timeout", "build", "deploy", "env", "mounts"}
+FLY_KEYS |= {"http_service", "metrics", "vm", "processes", "checks"}
+
+
+@pytest.mark.parametrize("path", [FLY, FLY_POSTGRES], ids=lambda p: p.name)
+def test_fly_config_parses_and_matches_the_app(path: Path) -> None:
+    from alfred_bot.config import DispatchConfig, ServerConfig  # noqa: PLC0415 (the app's own defaults)
+
+    fly = _fly(path)
+    assert set(fly) <= FLY_KEYS, set(fly) - FLY_KEYS
+    service = fly["http_service"]
+    config_port = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))["server"]["port"]
+    assert service["internal_port"] == ServerConfig().port == config_port == fly["metrics"]["port"]
+    assert re.search(rf"^EXPOSE {service['internal_port']}$", (REPO / "Dockerfile").read_text(encoding="utf-8"), re.M)
+    assert service["force_https"] is True and service["auto_stop_machines"] == "off"  # webhooks find it running
+    # Alfred drains on SIGTERM (STOPSIGNAL in the Dockerfile), in up to three grace periods
+    assert fly["kill_signal"] == "SIGTERM"
+    assert "STOPSIGNAL SIGTERM" in (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert fly["kill_timeout"] >= 3 * DispatchConfig().shutdown_grace_seconds + 10
+    [check] = service["checks"]
+    assert (check["method"], check["path"]) == ("GET", "/healthz") and fly["metrics"]["path"] == "/metrics"
+
+
+async def test_the_fly_check_and_metrics_paths_are_served(client: Any) -> None:
+    for path in {_fly(p)["http_service"]["checks"][0]["path"] for p in (FLY, FLY_POSTGRES)}:
+        assert (await client.get(path)).status == 200, path
+    for path in {_fly(p)["metrics"]["path"] for p in (FLY, FLY_POSTGRES)}:
+        resp = await client.get(path)
+        assert resp.status == 200 and "# TYPE alfred_" in await resp.text()
+
+
+def test_the_single_machine_keeps_its_database_on_the_volume() -> None:
+    fly = _fly(FLY)
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M)
+    storage = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))["storage"]["path"]
+    assert workdir and fly["mounts"]["destination"] == f"{workdir.group(1)}/data"
+    assert f'VOLUME ["{fly["mounts"]["destination"]}"]' in dockerfile
+    assert Path(workdir.group(1), storage).parent == Path(fly["mounts"]["destination"])  # the db is on it
+    assert "processes" not in fly  # one machine running the image's CMD
+    assert "--ha=false" in FLY.read_text(encoding="utf-8")
+
+
+def test_the_postgres_variant_runs_roles_the_command_line_accepts() -> None:
+    fly = _fly(FLY_POSTGRES)
+    assert "mounts" not in fly  # nothing of value on a machine's disk
+    assert fly["http_service"]["min_machines_running"] >= 2
+    assert set(fly["http_service"]["processes"]) <= set(fly["processes"])
+    assert set(fly["metrics"]["processes"]) <= set(fly["processes"])
+    for command in fly["processes"].values():
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "main.py", "serve"] and argv[argv.index("--role") + 1] in {"all", "web", "worker"}
+        parsed = subprocess.run(
+            [sys.executable, *argv[1:], "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert parsed.returncode == 0, parsed.stderr  # argparse checks --role's choice before --help
+
+
+def _secret_names(path: Path) -> set[str]:
+    """Variables the file tells to set as Fly secrets (or that `fly postgres attach` sets)."""
+    text = path.read_text(encoding="utf-8")
+    names = set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", " ".join(re.findall(r"fly secrets set (.*)", text))))
+    return names | set(re.findall(r"fly postgres attach .*--variable-name ([A-Z][A-Z0-9_]+)", text))
+
+
+@pytest.mark.parametrize("path", [FLY, FLY_POSTGRES], ids=lambda p: p.name)
+def test_fly_secrets_are_the_variables_alfred_reads_and_never_in_the_file(path: Path) -> None:
+    names = _secret_names(path)
+    assert {"WHATSAPP_ACCESS_TOKEN", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN", "ALFRED_API_TOKEN"} <= names
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names
+    sources = "".join(p.read_text(encoding="utf-8") for p in (REPO / "alfred_bot").rglob("*.py"))
+    sources += (REPO / "config.toml").read_text(encoding="utf-8")  # tenants' own variables are named there
+    for name in names:
+        assert f'"{name}"' in sources, f"{path.name} tells to set {name}, which Alfred never reads"
+    assert "env" not in _fly(path)  # nothing secret (nor anything else) as plain [env]
+    for line in re.findall(r"fly secrets set .*", path.read_text(encoding="utf-8")):
+        values = re.findall(r"=(\S+)", line.replace("$(openssl rand -hex 32)", "…"))
+        assert values and all(v == "…" for v in values), line  # placeholders only, never a value
+
+
+def test_the_postgres_variant_shares_the_database_url_and_privacy_key(tmp_path: Path) -> None:
+    """Every node must pseudonymise a number alike: the key comes from one app-wide secret."""
+    from alfred_bot.privacy import KEY_ENV, install_key  # noqa: PLC0415
+
+    assert {"ALFRED_DATABASE_URL", KEY_ENV} <= _secret_names(FLY_POSTGRES)
+    key = "ab" * 32
+    first, second = install_key(tmp_path / "node-a", {KEY_ENV: key}), install_key(tmp_path / "node-b", {KEY_ENV: key})
+    assert first == second == bytes.fromhex(key)
+
+
+# ------------------------------------------------------------------------------ the archive bucket
+
+
+def test_the_archive_bucket_policy_and_lifecycle_agree_with_the_retention_defaults() -> None:
+    """Write-only for Alfred, under one prefix; objects expire when the rows they copy would have
+    been deleted (delete_days - hot_days after archiving): 30 days hot, cold until day 90, then gone."""
+    from alfred_bot.config import RetentionConfig  # noqa: PLC0415
+
+    policy = json.loads((DEPLOY / "archive-iam-policy.json").read_text(encoding="utf-8"))
+    [statement] = policy["Statement"]
+    assert statement["Effect"] == "Allow" and statement["Action"] == ["s3:PutObject"]
+    [resource] = statement["Resource"]
+    [rule] = json.loads((DEPLOY / "archive-lifecycle.json").read_text(encoding="utf-8"))["Rules"]
+    prefix = rule["Filter"]["Prefix"]
+    assert resource == f"arn:aws:s3:::YOUR-BUCKET/{prefix}*" and rule["Status"] == "Enabled"
+    defaults = RetentionConfig()
+    assert rule["Expiration"]["Days"] == defaults.delete_days - defaults.hot_days
