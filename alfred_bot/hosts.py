@@ -42,6 +42,24 @@ def host_name(header: str | None) -> str | None:
     return value.rstrip(".") or None
 
 
+def is_private_address(name: str) -> bool:
+    """A private IP literal (10/8, 172.16/12, 192.168/16, fc00::/7 — Fly's 6PN, a VPC): what a
+    platform's health checker or metrics scraper puts in `Host`. A DNS-rebinding page cannot: the
+    browser sends the attacker's *name*, so accepting these costs the defence nothing."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return any(address in net for net in PRIVATE_NETWORKS if net.version == address.version)
+
+
+#: RFC 1918 and RFC 4193 unique-local addresses (not `is_private`, which also covers the
+#: documentation ranges: those stay foreign).
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
 def is_loopback(name: str) -> bool:
     """`localhost` and friends, `*.localhost` (RFC 6761), 127.0.0.0/8 and ::1."""
     if name in LOOPBACK_NAMES or name.endswith(".localhost"):
@@ -71,7 +89,7 @@ def make_host_check(public_hosts: Iterable[str], listen_host: str) -> Callable[.
         if not hosts:
             return await handler(request)
         name = host_name(request.headers.get("Host"))
-        if name is not None and (name in allowed or is_loopback(name)):
+        if name is not None and (name in allowed or is_loopback(name) or is_private_address(name)):
             return await handler(request)
         request.app[keys.TELEMETRY].webhook["host_refused"] += 1
         now = time.monotonic()

@@ -193,6 +193,9 @@ async def test_a_webhook_for_a_foreign_host_is_refused_and_not_stored(guarded: A
         "127.1.2.3",
         "[::1]:8080",
         "app.localhost",
+        "10.0.3.7:8080",  # a platform's health checker or scraper on the private network
+        "[fdaa:0:1a2b:a7b:1::2]:8080",  # Fly.io's private network (6PN)
+        "192.168.1.20",
     ],
 )
 async def test_public_and_loopback_hosts_are_served(guarded: Any, host: str) -> None:
