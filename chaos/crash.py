@@ -56,10 +56,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -127,12 +127,13 @@ class Secrets:
         return (self.app, self.previous, self.access, self.verify, self.api)
 
 
-def write_config(directory: Path, port: int, graph_url: str) -> Path:
+def write_config(directory: Path, port: int, graph_url: str, storage: str = "") -> Path:
+    """`storage`: more lines for the `[storage]` section (the cluster run's takeover time)."""
     tenants = "".join(f'[tenants.t{i}]\nphone_number_id = "{p}"\n' for i, p in enumerate(PNIDS))
     path = directory / "config.toml"
     path.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[storage]\npath = "{(directory / "alfred.db").as_posix()}"\n'
+        f'[storage]\npath = "{(directory / "alfred.db").as_posix()}"\n{storage}'
         f'[graph]\nbase_url = "{graph_url}"\ntimeout_seconds = {GRAPH_TIMEOUT}\n'
         f"[outbound]\nrate_per_second = 1000\nworkers = {WORKERS}\nbackoff_base_seconds = 0.05\n"
         "backoff_cap_seconds = 2.0\nprobe_interval_seconds = 0.5\n"
@@ -147,10 +148,20 @@ def write_config(directory: Path, port: int, graph_url: str) -> Path:
 
 
 class Alfred:
-    """`python main.py --config …` as a real process; its stderr goes to one log file."""
+    """`python main.py [argv…] --config …` as a real process; its stderr goes to one log file."""
 
-    def __init__(self, config: Path, env: dict[str, str], logfile: Path, port: int, repo: Path = REPO) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str],
+        logfile: Path,
+        port: int,
+        repo: Path = REPO,
+        *,
+        argv: tuple[str, ...] = (),
+    ) -> None:
         self.config, self.env, self.logfile, self.port, self.repo = config, env, logfile, port, repo
+        self.argv = argv  # e.g. ("serve", "--port", "8081", "--role", "web") for a node of the cluster run
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -161,7 +172,7 @@ class Alfred:
     def start(self) -> None:
         with self.logfile.open("ab") as out:
             self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and script)
-                [sys.executable, "main.py", "--config", str(self.config)],
+                [sys.executable, "main.py", *self.argv, "--config", str(self.config)],
                 cwd=self.repo,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -354,20 +365,27 @@ class Driver:
         msg["text"]["body"] = "FORGED " + msg["text"]["body"]
         body = envelope(self.rng.choice(PNIDS), [msg])
         headers = _forge(body, self.real, self.rng)
+        base: str | None = None
         for _ in range(40):  # until the server answers at all (it may be down)
-            status = await self._post("/webhook", body, headers)
+            base = self.target(base)
+            status = await self._post("/webhook", body, headers, base)
             if status != "conn":
                 self.tally.forged[status] += 1
                 self.tally.forged_ok += status == "200"
                 return
             await asyncio.sleep(0.25)
 
-    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> str:
+    def target(self, previous: str | None) -> str:
+        """The server for the next attempt; `previous` answered the last one badly or not at all.
+        One server here; chaos/cluster.py spreads requests over its nodes, like a load balancer."""
+        return self.base
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str], base: str | None = None) -> str:
         assert self.session is not None
         self.outstanding += 1
         started = time.monotonic()
         try:
-            async with self.session.post(self.base + path, data=body, headers=headers) as resp:
+            async with self.session.post((base or self.base) + path, data=body, headers=headers) as resp:
                 await resp.read()
                 if resp.status == 200:
                     self.tally.latency.setdefault(self.phase, []).append(time.monotonic() - started)
@@ -378,15 +396,23 @@ class Driver:
             self.outstanding -= 1
 
     async def _until_ok(self, path: str, body: bytes, headers: dict[str, str], ok: int) -> bool:
-        """Retry like Meta: anything but `ok` (or no answer) is tried again, with a pause."""
+        return await self.deliver(path, body, headers, ok) is not None
+
+    async def deliver(
+        self, path: str, body: bytes, headers: dict[str, str], ok: int, previous: str | None = None
+    ) -> str | None:
+        """Retry like Meta: anything but `ok` (or no answer) is tried again, with a pause.
+        Returns the server that answered `ok` (None: never, before the deadline)."""
+        base = previous
         while time.monotonic() < self.deadline:
-            status = await self._post(path, body, headers)
+            base = self.target(base)
+            status = await self._post(path, body, headers, base)
             self.tally.statuses[f"{self.phase} {path} {status}"] += 1
             if status == str(ok):
-                return True
+                return base
             await asyncio.sleep(self.rng.uniform(0.1, 0.6))
         self.tally.never_accepted += 1
-        return False
+        return None
 
 
 # ---------------------------------------------------------------------------- the database, read-only
@@ -464,22 +490,31 @@ class Run:
         await self.kill("random")
 
     async def kill_mid_commit(self) -> None:
-        """A burst of webhooks: kill while many of them are between body and commit."""
-        self.driver.burst(40)
-        await poll(lambda: self.driver.outstanding >= 10, 1.0, 0.0005)
-        await asyncio.sleep(self.rng.uniform(0, 0.003))
+        await before_mid_commit(self.driver, self.rng)
         await self.kill("mid-commit")
 
     async def kill_mid_send(self) -> None:
-        """Hold delivered sends open at the fake; kill before Alfred sees their answers."""
-        self.graph.latency = 0.6
-        await poll(lambda: self.graph.in_progress >= 1, 3.0, 0.002)
-        await asyncio.sleep(self.rng.uniform(0, 0.2))
+        await before_mid_send(self.graph, self.rng)
         await self.kill("mid-send")
         self.graph.latency = 0.0
 
 
-async def _together(*coros: Awaitable[Any]) -> None:
+async def before_mid_commit(driver: Driver, rng: random.Random) -> None:
+    """A burst of webhooks, so that a kill right after lands while many are between body and commit."""
+    driver.burst(40)
+    await poll(lambda: driver.outstanding >= 10, 1.0, 0.0005)
+    await asyncio.sleep(rng.uniform(0, 0.003))
+
+
+async def before_mid_send(graph: FaultGraph, rng: random.Random) -> None:
+    """Hold delivered sends open at the fake, so that a kill right after lands before Alfred sees
+    their answers (the caller sets `graph.latency` back to 0 after the kill)."""
+    graph.latency = 0.6
+    await poll(lambda: graph.in_progress >= 1, 3.0, 0.002)
+    await asyncio.sleep(rng.uniform(0, 0.2))
+
+
+async def together(*coros: Awaitable[Any]) -> None:
     """Run side by side; if one fails, the others are cancelled (no firing into a dead run)."""
     try:
         async with asyncio.TaskGroup() as group:
@@ -489,7 +524,7 @@ async def _together(*coros: Awaitable[Any]) -> None:
         raise failed.exceptions[0] from None
 
 
-async def _at(times: list[float], action: Callable[[int], Awaitable[None]]) -> None:
+async def at_times(times: list[float], action: Callable[[int], Awaitable[None]]) -> None:
     start = time.monotonic()
     for i, t in enumerate(times):
         await asyncio.sleep(max(0.0, start + t - time.monotonic()))
@@ -507,7 +542,7 @@ async def normal(run: Run, seconds: float, kills: int) -> None:
         await kinds[i % len(kinds)]()
         await run.restart()
 
-    await _together(run.driver.fire(seconds, run.args.rate), _at(times, act))
+    await together(run.driver.fire(seconds, run.args.rate), at_times(times, act))
 
 
 async def backpressure(run: Run, seconds: float, kills: int) -> None:
@@ -521,7 +556,7 @@ async def backpressure(run: Run, seconds: float, kills: int) -> None:
         await run.kill("backpressure")
         await run.restart()
 
-    await _together(run.driver.fire(seconds, run.args.rate, batch=run.args.batch), _at(times, act))
+    await together(run.driver.fire(seconds, run.args.rate, batch=run.args.batch), at_times(times, act))
     run.max_backlog = max(run.max_backlog, backlog(run.db))
     log(f"backlog before the Graph API comes back: {backlog(run.db)} rows")
     await run.graph.up()
@@ -571,7 +606,7 @@ async def shutdown(run: Run, seconds: float, kills: int) -> None:
                 return
             delay /= 3
 
-    await _together(run.driver.fire(seconds, run.args.rate), _at(times, act))
+    await together(run.driver.fire(seconds, run.args.rate), at_times(times, act))
     run.graph.latency = 0.0
 
 
@@ -586,31 +621,66 @@ def _duplicates(graph: FaultGraph) -> Counter[str]:
     return dup
 
 
-def _secrets_found(run: Run) -> list[str]:
-    files = [run.alfred.logfile, *run.workdir.glob("alfred.db*")]
-    blob = b"".join(p.read_bytes() for p in files if p.is_file() and not p.name.endswith(".lock"))
+def secrets_in(files: Iterable[Path], real: Secrets) -> list[str]:
+    """Which secrets appear, byte for byte, in any of `files` (logs, database files)."""
     names = ("app secret", "previous app secret", "access token", "verify token", "api token")
-    return [name for name, value in zip(names, run.real.all(), strict=True) if value.encode() in blob]
+    pairs = list(zip(names, real.all(), strict=True))
+    found: set[str] = set()
+    for path in files:  # one at a time: a PostgreSQL data directory holds hundreds of megabytes
+        if path.is_file() and not path.name.endswith(".lock"):
+            blob = path.read_bytes()
+            found |= {name for name, value in pairs if value.encode() in blob}
+    return [name for name, _ in pairs if name in found]
 
 
-def _why_unanswered(db: Path, wamids: list[str]) -> Counter[str]:
+def _secrets_found(run: Run) -> list[str]:
+    return secrets_in([run.alfred.logfile, *run.workdir.glob("alfred.db*")], run.real)
+
+
+@dataclass
+class StoreFacts:
+    """What the verdict reads from the database after the run, whichever engine holds it."""
+
+    inbox: dict[str, str]  # event_id -> state
+    replies: dict[str, str]  # source_event_id -> state of its text reply
+    dropped_receipts: set[str]  # source_event_id of read receipts dropped (superseded, stale, failed)
+    forged_stored: int
+    outbox_states: dict[str, int]
+    integrity: str
+
+
+#: The reads behind `StoreFacts`: plain SQL that SQLite and PostgreSQL both run as written.
+FACTS_SQL = {
+    "inbox": "SELECT event_id, state FROM inbox",
+    "replies": "SELECT source_event_id, state FROM outbox WHERE type = 'text' AND source_event_id IS NOT NULL",
+    "dropped": "SELECT source_event_id FROM outbox WHERE type = 'read' AND state = 'dropped'",
+    "forged": "SELECT COUNT(*) FROM inbox WHERE event_id || text LIKE '%FORGED%'",
+    "states": "SELECT state, COUNT(*) FROM outbox GROUP BY state",
+}
+
+
+def facts_from(query: Callable[[str], list[tuple[Any, ...]]], integrity: str) -> StoreFacts:
+    return StoreFacts(
+        inbox={str(r[0]): str(r[1]) for r in query(FACTS_SQL["inbox"])},
+        replies={str(r[0]): str(r[1]) for r in query(FACTS_SQL["replies"])},
+        dropped_receipts={str(r[0]) for r in query(FACTS_SQL["dropped"])},
+        forged_stored=int(query(FACTS_SQL["forged"])[0][0]),
+        outbox_states={str(r[0]): int(r[1]) for r in query(FACTS_SQL["states"])},
+        integrity=integrity,
+    )
+
+
+def _why_unanswered(facts: StoreFacts, wamids: list[str]) -> Counter[str]:
     """For each accepted message without an answer at the fake: where did it stop?"""
     why: Counter[str] = Counter()
-    conn = sqlite3.connect(db)
-    try:
-        for wamid in wamids:
-            inbox = conn.execute("SELECT state FROM inbox WHERE event_id = ?", (wamid,)).fetchone()
-            reply = conn.execute(
-                "SELECT state FROM outbox WHERE source_event_id = ? AND type = 'text'", (wamid,)
-            ).fetchone()
-            if inbox is None:
-                why["not stored"] += 1
-            elif inbox[0] == "pending":
-                why["not handled yet"] += 1
-            else:
-                why[f"reply {reply[0]}" if reply else f"{inbox[0]}, no reply row"] += 1
-    finally:
-        conn.close()
+    for wamid in wamids:
+        inbox, reply = facts.inbox.get(wamid), facts.replies.get(wamid)
+        if inbox is None:
+            why["not stored"] += 1
+        elif inbox == "pending":
+            why["not handled yet"] += 1
+        else:
+            why[f"reply {reply}" if reply else f"{inbox}, no reply row"] += 1
     return why
 
 
@@ -627,35 +697,23 @@ def _percentiles(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]
     return out
 
 
-def verdict(run: Run) -> dict[str, Any]:
-    tally, graph = run.driver.tally, run.graph
-    stored = {r[0] for r in db_query(run.db, "SELECT event_id FROM inbox")}
+def promises(driver: Driver, graph: FaultGraph, facts: StoreFacts) -> dict[str, Any]:
+    """What the driver saw accepted, against what the fake received and the database holds."""
+    tally = driver.tally
     answered = [w for w, text in tally.accepted.items() if graph.delivered[text] > 0]
     receipts = [w for w in tally.accepted if graph.delivered[f"read:{w}"] > 0]
     # receipts are best-effort: one superseded by a newer one, gone stale or failed is dropped (counted)
-    dropped_sql = "SELECT source_event_id FROM outbox WHERE type = 'read' AND state = 'dropped'"
-    dropped = {r[0] for r in db_query(run.db, dropped_sql)}
+    dropped = facts.dropped_receipts
     receipts_missing = [w for w in tally.accepted if graph.delivered[f"read:{w}"] == 0 and w not in dropped]
     unanswered = sorted(set(tally.accepted) - set(answered))
-    why = _why_unanswered(run.db, unanswered)
+    why = _why_unanswered(facts, unanswered)
     queued = why["reply queued"] + why["reply sending"] + why["not handled yet"]
-    not_stored = sorted(set(tally.accepted) - stored)  # answered or not, a 200 must mean stored
+    not_stored = sorted(set(tally.accepted) - set(facts.inbox))  # answered or not, a 200 must mean stored
     api_lost = [k for k, name in tally.api_accepted.items() if graph.delivered[f"template:{name}"] == 0]
-    forged_stored = db_query(run.db, "SELECT COUNT(*) FROM inbox WHERE event_id || text LIKE '%FORGED%'")
-    forged_answered = sum(1 for key in graph.delivered if "FORGED" in key)
     dup = _duplicates(graph)
-    ambiguous = sum(graph.faults[k] for k in AMBIGUOUS)
-    kills = sum(run.kills.values())
-    allowed = (kills + run.stops) * IN_FLIGHT + ambiguous
-    states = dict(db_query(run.db, "SELECT state, COUNT(*) FROM outbox GROUP BY state"))
-    integrity = db_query(run.db, "PRAGMA integrity_check")[0][0]
-    result = {
-        "kills": kills,
-        "kills_by_kind": dict(run.kills),
-        "sigterm_stops": run.stops,
-        "alfred_starts": run.alfred.starts,
+    return {
         "webhook_answers": dict(tally.statuses),
-        "requests_started": run.driver.started,
+        "requests_started": driver.started,
         "http_500": sum(v for k, v in tally.statuses.items() if k.endswith(" 500")),
         "accepted": len(tally.accepted),
         "answered": len(answered),
@@ -672,28 +730,48 @@ def verdict(run: Run) -> dict[str, Any]:
         "never_accepted": tally.never_accepted,
         "duplicates": sum(dup.values()),
         "duplicates_by_kind": dict(dup),
-        "allowed_duplicates": allowed,
-        "ambiguous_faults": ambiguous,
+        "ambiguous_faults": sum(graph.faults[k] for k in AMBIGUOUS),
         "faults": dict(graph.faults),
         "graph_requests": graph.requests,
         "reset_while_down": graph.refused_while_down,
-        "outbox_states": states,
-        "max_backlog": run.max_backlog,
+        "outbox_states": facts.outbox_states,
         "forged_sent": sum(tally.forged.values()),
         "forged_answers": dict(tally.forged),
-        "forged_effects": tally.forged_ok + int(forged_stored[0][0]) + forged_answered,
-        "integrity": integrity,
+        "forged_effects": tally.forged_ok + facts.forged_stored + sum(1 for k in graph.delivered if "FORGED" in k),
+        "integrity": facts.integrity,
+        "examples_unanswered": (unanswered + not_stored)[:5],
+    }
+
+
+def verdict(run: Run) -> dict[str, Any]:
+    facts = facts_from(lambda sql: db_query(run.db, sql), db_query(run.db, "PRAGMA integrity_check")[0][0])
+    result = promises(run.driver, run.graph, facts)
+    kills = sum(run.kills.values())
+    result |= {
+        "kills": kills,
+        "kills_by_kind": dict(run.kills),
+        "sigterm_stops": run.stops,
+        "alfred_starts": run.alfred.starts,
+        "allowed_duplicates": (kills + run.stops) * IN_FLIGHT + result["ambiguous_faults"],
+        "max_backlog": run.max_backlog,
         "secrets_found": _secrets_found(run),
         "kill_log": run.kill_log,
         "clean_shutdown_seconds": [round(x, 2) for x in run.shutdown_seconds],
-        "examples_unanswered": (unanswered + not_stored)[:5],
     }
-    _judge(run, result)
+    judge(run, result)
     result["violations"] = run.violations
     return result
 
 
-def _judge(run: Run, r: dict[str, Any]) -> None:
+class Judged(Protocol):
+    """What `judge` needs of a run (this one's `Run`, the cluster run's `ClusterRun`)."""
+
+    args: argparse.Namespace
+
+    def violate(self, what: str) -> None: ...
+
+
+def judge(run: Judged, r: dict[str, Any]) -> None:
     checks = [
         (r["not_stored"] == 0, f"{r['not_stored']} message(s) answered 200 but not in the inbox"),
         (r["lost"] == 0, f"{r['lost']} accepted message(s) lost: {r['unanswered_why']}"),
@@ -714,7 +792,8 @@ def _judge(run: Run, r: dict[str, Any]) -> None:
             run.violate(what)
 
 
-def table(r: dict[str, Any]) -> str:
+def table(r: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> str:
+    """The result as a Markdown table; `extra` rows (the cluster run's) go before the wall time."""
     faults = ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items())) or "none"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kills_by_kind"].items()))
     rows = [
@@ -727,7 +806,7 @@ def table(r: dict[str, Any]) -> str:
         ("lost / still queued at the end", f"{r['lost']} / {r['still_queued']}"),
         ("API sends accepted / lost", f"{r['api_accepted']} / {r['api_lost']}"),
         ("duplicates (text, receipt, template)", _dups(r)),
-        ("allowed duplicates", f"{r['allowed_duplicates']} = (kills + stops) x {IN_FLIGHT} + {r['ambiguous_faults']}"),
+        ("allowed duplicates", f"{r['allowed_duplicates']} = {r.get('allowed_why') or _allowed(r)}"),
         ("faults injected", f"{sum(r['faults'].values())}: {faults}"),
         ("Graph API down: requests reset", r["reset_while_down"]),
         ("largest backlog (rows)", r["max_backlog"]),
@@ -735,11 +814,16 @@ def table(r: dict[str, Any]) -> str:
         ("forged sent / effects", f"{r['forged_sent']} / {r['forged_effects']} ({r['forged_answers']})"),
         ("integrity_check", r["integrity"]),
         ("secrets in logs/db", ", ".join(r["secrets_found"]) or "none"),
+        *extra,
         ("wall time", f"{r.get('seconds', 0):.0f} s"),
         ("verdict", "PASS" if not r["violations"] else "FAIL: " + "; ".join(r["violations"])),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
+
+
+def _allowed(r: dict[str, Any]) -> str:
+    return f"(kills + stops) x {IN_FLIGHT} + {r['ambiguous_faults']}"
 
 
 def _stops(r: dict[str, Any]) -> str:
@@ -813,40 +897,51 @@ async def execute(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         alfred.kill()
         await graph.close()
+    return timed(result, started, args.seconds)
+
+
+def timed(result: dict[str, Any], started: float, seconds: float) -> dict[str, Any]:
+    """Add the wall time since `started` and the request rate achieved over `seconds` of firing."""
     result["seconds"] = time.monotonic() - started
-    result["achieved_rate"] = result["requests_started"] / args.seconds
+    result["achieved_rate"] = result["requests_started"] / seconds
     return result
+
+
+def add_common_options(p: argparse.ArgumentParser, drain_timeout: float = 120.0) -> None:
+    """The options this run and the cluster run (chaos/cluster.py) share."""
+    p.add_argument("--rate", type=float, default=200.0, help="webhooks per second (default 200)")
+    p.add_argument("--seed", type=int, default=1)
+    help_drain = f"seconds to drain at the end (default {drain_timeout:.0f})"
+    p.add_argument("--drain-timeout", type=float, default=drain_timeout, help=help_drain)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--repo", type=Path, default=REPO, help="the Alfred checkout to run (default: this one)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (database and logs)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=60.0, help="firing time in total (default 60)")
     p.add_argument("--kills", type=int, default=10, help="SIGKILLs in total, at least (default 10)")
-    p.add_argument("--rate", type=float, default=200.0, help="webhooks per second (default 200)")
     p.add_argument("--batch", type=int, default=5, help="messages per webhook while the Graph API is down")
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scenario", choices=["normal", "backpressure", "shutdown", "all"], default="all")
-    p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to drain at the end")
-    p.add_argument("--json", type=Path, help="also write the result here")
-    p.add_argument("--repo", type=Path, default=REPO, help="the Alfred checkout to run (default: this one)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (database and log)")
+    add_common_options(p)
     return p.parse_args(argv)
 
 
 @contextlib.contextmanager
-def _workdir(keep: bool) -> Iterator[Path]:
+def work_directory(keep: bool, prefix: str = "alfred-crash-") -> Iterator[Path]:
     if keep:
-        path = Path(tempfile.mkdtemp(prefix="alfred-crash-"))
+        path = Path(tempfile.mkdtemp(prefix=prefix))
         log(f"work directory kept: {path}")
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="alfred-crash-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with _workdir(args.keep) as workdir:
+    with work_directory(args.keep) as workdir:
         result = asyncio.run(execute(args, workdir))
     print(table(result))
     if args.json:

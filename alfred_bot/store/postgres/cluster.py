@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from alfred_bot.store.base import NodeInfo
+from alfred_bot.store.base import NodeInfo, PendingMessage
 from alfred_bot.store.postgres.inbox import INBOX_CHANNEL, OUTBOX_CHANNEL
 
 log = logging.getLogger("alfred.store")
@@ -38,17 +38,44 @@ INSERT INTO nodes (id, host, role, version, pid, started_at, seen_at) VALUES ($1
 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, host = excluded.host, role = excluded.role,
     version = excluded.version, pid = excluded.pid
 """
-_RENEW = "UPDATE inbox SET lease_until = $2 WHERE owner = $1 AND state = 'pending'"
+#: Only the leases this node's dispatcher was told about (`Holdings`): a take whose answer was lost
+#: (the connection dropped after the commit) must lapse, or nobody would ever handle those rows.
+_RENEW = "UPDATE inbox SET lease_until = $2 WHERE owner = $1 AND state = 'pending' AND seq = ANY($3::bigint[])"
 _NODES = """
 SELECT id, host, role, version, pid, started_at, seen_at FROM nodes WHERE seen_at >= $1
 ORDER BY seen_at DESC, started_at DESC, id
 """
 
 
-async def beat(conn: asyncpg.Connection, node: NodeInfo, now: float, takeover: float) -> None:
-    """One heartbeat (inside a transaction): the node row says `now`, its inbox leases run to `now + takeover`."""
+async def beat(conn: asyncpg.Connection, node: NodeInfo, now: float, takeover: float, held: list[int]) -> None:
+    """One heartbeat (inside a transaction): the node row says `now`; the leases of the messages in
+    `held` run to `now + takeover`."""
     await conn.execute(_BEAT, node.id, node.host, node.role, node.version, node.pid, node.started_at, now)
-    await conn.execute(_RENEW, node.id, now + takeover)
+    if held:
+        await conn.execute(_RENEW, node.id, now + takeover, held)
+
+
+class Holdings:
+    """The pending messages `take` handed to this node and that it has not finished: what the
+    heartbeat keeps leased. Keyed like a completion (wamid, phone number id)."""
+
+    def __init__(self) -> None:
+        self._seqs: dict[tuple[str, str], int] = {}
+
+    def add(self, taken: list[PendingMessage]) -> list[PendingMessage]:
+        for pending in taken:
+            self._seqs[(pending.item.message.id, pending.item.phone_number_id)] = pending.seq
+        return taken
+
+    def drop(self, event_id: str, phone_number_id: str | None) -> None:
+        if phone_number_id is not None:
+            self._seqs.pop((event_id, phone_number_id), None)
+            return
+        for key in [k for k in self._seqs if k[0] == event_id]:
+            del self._seqs[key]
+
+    def seqs(self) -> list[int]:
+        return sorted(self._seqs.values())
 
 
 async def leave(conn: asyncpg.Connection, node: NodeInfo, now: float, takeover: float) -> None:
