@@ -27,7 +27,8 @@ from alfred_bot.logs import bound
 from alfred_bot.outbound.decide import Decision, Outcome
 from alfred_bot.outbound.pauses import PauseBoard
 from alfred_bot.outbound.policy import LaneState, PauseOrder, RetryPolicy, Verdict, with_error
-from alfred_bot.outbound.ratelimit import Pacer, PairBudget, PairLimiter, SlidingWindowLimiter
+from alfred_bot.outbound.ratelimit import PairLimiter, SlidingWindowLimiter
+from alfred_bot.outbound.redis.base import AsyncPacer, AsyncPairBudget, LocalPacer, LocalPairs
 from alfred_bot.privacy import mask
 from alfred_bot.store import AuditEntry, OutboxJob, Settlement
 from alfred_bot.telemetry import Telemetry
@@ -156,8 +157,8 @@ class Lane:
         tenant: str,
         phone_number_id: str,
         workers: int,
-        limiter: Pacer,
-        pairs: PairBudget,
+        limiter: AsyncPacer,
+        pairs: AsyncPairBudget,
         *,
         receipts: ReceiptRules | None = None,
     ) -> None:
@@ -176,10 +177,20 @@ class Lane:
     @classmethod
     def local(cls, tenant: str, phone_number_id: str, out: OutboundConfig, monotonic: Callable[[], float]) -> Lane:
         """A lane paced by this process alone."""
-        limiter = SlidingWindowLimiter(out.rate_per_second, clock=monotonic)
-        pairs = PairLimiter(burst=out.pair_burst, interval=out.pair_interval_seconds, clock=monotonic)
+        limiter = LocalPacer(SlidingWindowLimiter(out.rate_per_second, clock=monotonic))
+        pairs = LocalPairs(PairLimiter(burst=out.pair_burst, interval=out.pair_interval_seconds, clock=monotonic))
         rules = ReceiptRules(max_age=out.receipt_max_age_seconds, use_budget=out.receipts_use_budget)
         return cls(tenant, phone_number_id, out.worker_count(1), limiter, pairs, receipts=rules)
+
+    @property
+    def shared(self) -> bool:
+        """True when the lane books its starts in Redis (every node shares its rate)."""
+        return not isinstance(self.limiter, LocalPacer)
+
+    @property
+    def mode(self) -> str:
+        """ "local" (this process alone), "shared" (Redis) or "fallback" (Redis away: this node's share)."""
+        return str(getattr(self.limiter, "mode", "local"))
 
     @property
     def capacity(self) -> int:
@@ -249,7 +260,7 @@ class LaneWorkers:
         self._feed = feed
         self._transport = transport
         self._policy = policy
-        self._pauses = pauses
+        self.pauses = pauses  # the sender swaps in the shared board before starting (Redis)
         self._telemetry = telemetry
         self._metrics = telemetry.metrics
         self._counts = telemetry.sender
@@ -291,33 +302,38 @@ class LaneWorkers:
         gated = lane.gate_until - self._monotonic()
         if gated > 0:  # the number's outage gate: wait instead of hammering a Graph API that is down
             await asyncio.sleep(gated)
-        if lane.tenant in self._pauses.current():
+        if lane.tenant in self.pauses.current():
             await self.settle(self._policy.defer(job, PAUSED_RECHECK, self._clock()))
             return
         if job.type in RECEIPT_TYPES:
             await self._send_receipt(lane, job)
             return
-        wait = lane.pairs.delay(job.recipient)
+        wait = await lane.pairs.take(job.recipient)  # checks and spends the recipient's budget at once
         if wait > 0:
             self._counts["deferred_pair"] += 1
             await self.settle(self._policy.defer(job, wait, self._clock()))
             return
-        slot = lane.limiter.reserve()
-        self._metrics.ratelimit_wait.labels(lane.tenant).observe(max(0.0, slot))
+        asked = self._monotonic()
+        slot = await lane.limiter.acquire()  # a shared limiter may sleep first when its slot is far out
+        due = self._monotonic() + slot
+        self._metrics.ratelimit_wait.labels(lane.tenant).observe(max(0.0, due - asked))
         if slot > 0:
             self._counts["paced_waits"] += 1
             await asyncio.sleep(slot)
-        lane.pairs.record(job.recipient)
         lane.note_reply(job.recipient, self._clock())
-        decision = await self._call(lane, job)
+        decision = await self._call(lane, job, due if lane.shared else None)
         await self._apply(lane, job, decision)
 
-    async def _call(self, lane: Lane, job: OutboxJob) -> Decision:
-        """One Graph API call, its decide-to-wire lag reported to the limiter, recorded."""
+    async def _call(self, lane: Lane, job: OutboxJob, due: float | None = None) -> Decision:
+        """One Graph API call, its decide-to-wire lag reported to the limiter, recorded.
+
+        A shared limiter counts the lag from the start Redis booked (`due`): an oversleep is lag too,
+        as every node's starts share one window. The in-process one counts it from the call."""
         started = self._monotonic()
+        since = started if due is None else due
 
         def on_wire() -> None:
-            lane.limiter.observe_lag(self._monotonic() - started)
+            lane.limiter.observe_lag(self._monotonic() - since)
 
         decision = await self._transport.send(lane.phone_number_id, job.payload, on_wire)
         self._record(lane, job, decision, self._monotonic() - started)
@@ -379,12 +395,9 @@ class LaneWorkers:
                 return False
             if lane.queue.replies_stuck:
                 return None
-            if not lane.receipts.use_budget:
+            if not lane.receipts.use_budget or await lane.limiter.acquire_if_free():
                 return True
             wait = lane.limiter.delay()
-            if wait <= 0:
-                lane.limiter.record()
-                return True
             await asyncio.sleep(min(max(SPARE_POLL, wait), SPARE_POLL * 10))
 
     async def _drop(self, job: OutboxJob, reason: str, d: Decision | None = None) -> None:

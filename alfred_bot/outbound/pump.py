@@ -43,7 +43,7 @@ class Pump:
     ) -> None:
         self._store = store
         self._lanes = lanes
-        self._pauses = pauses
+        self.pauses = pauses  # the sender swaps in the shared board before starting (Redis)
         self._counts = counts
         self._clock = clock
         self._monotonic = monotonic
@@ -79,7 +79,7 @@ class Pump:
 
     def _active(self) -> dict[str, Lane]:
         """Lanes that may send now: not paused, not gated by an outage."""
-        now, paused = self._monotonic(), self._pauses.current()
+        now, paused = self._monotonic(), self.pauses.current()
         return {name: lane for name, lane in self._lanes.items() if name not in paused and lane.gate_until <= now}
 
     async def _pump_once(self) -> None:

@@ -22,6 +22,7 @@ from alfred_bot.outbound.lanes import Lane, LaneWorkers
 from alfred_bot.outbound.pauses import LocalPauses, Pause, PauseBoard
 from alfred_bot.outbound.policy import PauseOrder, RetryPolicy
 from alfred_bot.outbound.pump import Pump
+from alfred_bot.outbound.redis import LocalPacer, SharedPacing
 from alfred_bot.store import Outbox, Settlement
 from alfred_bot.tasks import stop_workers
 from alfred_bot.telemetry import Telemetry
@@ -73,11 +74,36 @@ class Sender:
             on_pause=self._pause,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._pacing: SharedPacing | None = None
+
+    def share_pacing(self, pacing: SharedPacing) -> None:
+        """Pace every number through Redis, with every other node (issue 16): each lane books its
+        starts and recipients' budgets there, and pauses are shared. Call before `start`, which
+        starts `pacing` (stop closes it)."""
+        self._pacing = pacing
+        out = self._out
+        for lane in self._lanes.values():
+            lane.limiter = pacing.pacer(lane.tenant, lane.phone_number_id, out.rate_per_second)
+            lane.pairs = pacing.pairs(
+                lane.tenant, lane.phone_number_id, burst=out.pair_burst, interval=out.pair_interval_seconds
+            )
+        self._pauses = self._pump.pauses = self._crew.pauses = pacing.pauses
+
+    @property
+    def pacing(self) -> SharedPacing | None:
+        """The shared pacing, when Redis is configured."""
+        return self._pacing
+
+    def lane_modes(self) -> dict[str, str]:
+        """Per tenant: `local` (no Redis), `shared` (booked in Redis) or `fallback` (Redis away)."""
+        return {name: lane.mode for name, lane in self._lanes.items()}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, hold: float = 0.0) -> None:
         """Start the workers; the first send only after `hold` s (see `Pump.run`)."""
+        if self._pacing is not None:
+            await self._pacing.start()  # the pause board is loaded before the first send
         for lane in self._lanes.values():
             self._tasks += [
                 asyncio.create_task(self._crew.run(lane), name=f"alfred-sender-{lane.tenant}-{i}")
@@ -103,6 +129,8 @@ class Sender:
             count = len(self._crew.cut_off)
             log.warning("%d send(s) cut off by the shutdown are queued again (a duplicate is possible)", count)
         self._crew.cut_off.clear()
+        if self._pacing is not None:
+            await self._pacing.close()
 
     @property
     def running(self) -> bool:
@@ -131,7 +159,8 @@ class Sender:
         """`nodes` processes send for every number (a shared database without a shared limiter):
         each paces itself to an equal share, so together they never exceed the rate."""
         for lane in self._lanes.values():
-            lane.limiter.split(nodes)
+            if isinstance(lane.limiter, LocalPacer):  # a shared limiter takes its share from the node count
+                lane.limiter.limiter.split(nodes)
 
     def wake(self) -> None:
         """New rows were queued: claim now rather than at the next poll."""
