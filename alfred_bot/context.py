@@ -8,13 +8,18 @@ exactly once however often a crash makes the handler run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import copy
+import re
+import zoneinfo
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
+from alfred_bot.config import TenantConfig
+from alfred_bot.dialog import DialogState, When, send_time
 from alfred_bot.media import MediaError, MediaFile, check_upload
 from alfred_bot.models import (
     AudioMessage,
@@ -33,8 +38,16 @@ from alfred_bot.validate import MEDIA_TYPES, InvalidMessage, validate_content
 if TYPE_CHECKING:
     from alfred_bot.graph import Transport
     from alfred_bot.store import Queries
+    from alfred_bot.store.base import Dialogs
+
+    class ContextStore(Queries, Protocol):
+        """What a context reads: history, and the user's state and scheduled sends."""
+
+        @property
+        def dialogs(self) -> Dialogs: ...
 
 MAX_TEXT = 4096
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 ReplyError = InvalidMessage  # a reply the Cloud API would refuse; raised before anything is queued
 
@@ -67,10 +80,15 @@ def address_of(phone: str | None, user_id: str | None) -> dict[str, str]:
 class Services:
     """What a context may reach beyond its message: the store (history) and the transport (media)."""
 
-    store: Queries
+    store: ContextStore
     transport: Transport
     media_dir: Path
     max_download_bytes: int
+    #: Each tenant's settings (time zone, reminder template), for handlers that need them.
+    tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
+    #: Checks a template send against the tenant's synced templates (raises `InvalidMessage`), as
+    #: the API does, before a handler's replies are committed; None: unchecked.
+    check_template: Callable[[str, dict[str, Any]], Awaitable[object]] | None = None
 
 
 def _framed(kind: str, text: str, action: dict[str, Any], header: str | None, footer: str | None) -> dict[str, Any]:
@@ -96,6 +114,8 @@ class Outgoing:
     replies: list[OutboxRow]
     trace_id: str = ""
     origin_at: float | None = None
+    _send_at: float | None = None  # set on the view `schedule` returns
+    _tag: str = ""
 
     @property
     def address(self) -> dict[str, str]:
@@ -118,14 +138,31 @@ class Outgoing:
 
     # ------------------------------------------------------------------ message kinds
 
-    def reply(self, text: str, *, quote: bool = False, preview_url: bool = False) -> str:
-        """Text (1–4096 characters); `quote` shows it as an answer to the message."""
+    def reply(self, text: str, *, quote: bool = False, preview_url: bool = False, at: When | None = None) -> str:
+        """Text (1–4096 characters); `quote` shows it as an answer to the message; `at` sends it
+        later (see `schedule`)."""
         if not isinstance(text, str) or not text.strip():
             raise ReplyError("text.body", "must be a non-empty string")
         body: dict[str, Any] = {"body": text}
         if preview_url:
             body["preview_url"] = True
-        return self.send("text", body, quote=quote)
+        target = self if at is None else self.schedule(at)
+        return target.send("text", body, quote=quote)
+
+    def schedule(self, at: When, *, tag: str = "") -> Outgoing:
+        """This context's reply vocabulary, sending at `at` instead of now: Unix seconds, an aware
+        `datetime` or a `timedelta` from now (at most a year ahead; a past time is now).
+
+        The send is a durable outbox row in state `scheduled`, queued with the handler's other
+        replies (exactly once, however often a crash re-runs the handler) and sent, paced like any
+        send, when its time comes; free-form messages only if the 24-hour window is open then.
+        `tag` (letters, digits, `_-`) marks it for `scheduled(tag=…)`.
+        `ctx.schedule(timedelta(hours=1)).reply_template("we_miss_you")`."""
+        if tag and not _TAG.fullmatch(tag):
+            raise ReplyError("tag", "must be 1-40 letters, digits, '_' or '-'")
+        view = copy.copy(self)  # shares `replies`: what the view queues goes with the completion
+        view._send_at, view._tag = send_time(at, field="at"), tag or self._tag
+        return view
 
     def reply_buttons(
         self,
@@ -235,9 +272,10 @@ class Outgoing:
         return self._queue(kind, payload)
 
     def _queue(self, kind: str, payload: dict[str, Any], *, key: str | None = None) -> str:
+        prefix = f"{self._tag}:" if self._tag else ""
         row = OutboxRow(
             id=new_outbox_id(),
-            idem_key=key or f"{self._idem_prefix()}:{len(self.replies):03d}",
+            idem_key=key or f"{prefix}{self._idem_prefix()}:{len(self.replies):03d}",
             tenant=self.tenant,
             recipient=self.recipient,
             type=kind,
@@ -245,6 +283,7 @@ class Outgoing:
             source_event_id=self._source(),
             trace_id=self.trace_id or None,
             origin_at=self.origin_at,
+            send_at=self._send_at,
         )
         self.replies.append(row)
         return row.id
@@ -284,6 +323,11 @@ class Context(Outgoing):
         self.limited = False
         self._services = services
         self._early = early
+        #: The user's conversation state (see `alfred_bot.dialog.DialogState`), as of this message.
+        self.state = DialogState()
+        #: Scheduled or queued sends to this user to cancel with the completion (`cancel`).
+        self.cancels: list[str] = []
+        self._state_loaded = False
 
     @property
     def user_name(self) -> str | None:
@@ -327,6 +371,36 @@ class Context(Outgoing):
         if self._early is not None:
             self._early(self.replies[-1])  # the user sees "typing…" while the handler still works
         return outbox_id
+
+    async def load_state(self) -> None:
+        """Read the user's state once, before routing (the router calls this)."""
+        if self._state_loaded or self._services is None:
+            return
+        self.state.load(await self._services.store.dialogs.get(self.tenant, self.recipient))
+        self._state_loaded = True
+
+    @property
+    def settings(self) -> TenantConfig | None:
+        """This tenant's configuration (None when the context has no services, as in unit tests)."""
+        return self._services.tenants.get(self.tenant) if self._services is not None else None
+
+    @property
+    def timezone(self) -> zoneinfo.ZoneInfo:
+        """The tenant's time zone (`tenants.NAME.timezone`, default UTC): how to read "at 18:30"."""
+        return zoneinfo.ZoneInfo(self.settings.timezone if self.settings is not None else "UTC")
+
+    async def scheduled(self, tag: str = "") -> list[dict[str, Any]]:
+        """The user's sends still waiting for their time (those queued with `tag`, if given), soonest
+        first: `id`, `send_at`, `type`, `payload`. Cancels of this handler are not applied yet."""
+        prefix = f"{tag}:" if tag else ""
+        return await self._need().store.dialogs.scheduled(self.tenant, self.recipient, prefix=prefix)
+
+    def cancel(self, outbox_id: str) -> None:
+        """Cancel one of the user's scheduled (or still queued) sends, with this handler's
+        completion: if the handler fails or a crash stops it, nothing is cancelled."""
+        if not isinstance(outbox_id, str) or not outbox_id:
+            raise ReplyError("id", "must be an outbox id")
+        self.cancels.append(outbox_id)
 
     def _need(self) -> Services:
         if self._services is None:

@@ -14,6 +14,10 @@ and the orchestrator as text fallback, so the rules above are all in this one mo
 A status handler is `async def handler(status, ctx) -> None` for delivery updates of messages we
 sent (`sent`, `delivered`, `read`, `played`, `failed`); every matching status route runs.
 
+Dialogs: `@router.state("awaiting_time")` (or `state=` on the other decorators) matches only while
+the user's conversation state (`ctx.state`) is at that step; `None` means "in no dialog". Routes
+without a state filter match at any step. `handle` reads the state once, before routing.
+
 Replies go through `ctx`, which buffers them; the dispatcher writes them to the outbox in the same
 transaction that marks the message handled.
 """
@@ -56,15 +60,37 @@ Middleware = Callable[[Message, "Context", Next], Awaitable[Any]]
 Filter = Callable[[Message], bool]
 
 
+class _AnyStep:
+    def __repr__(self) -> str:
+        return "ANY_STEP"
+
+
+#: `state=ANY_STEP` (the default of every decorator): the route matches whatever the dialog step.
+ANY_STEP: Final = _AnyStep()
+#: The `state=` of a decorator: a step, None (no dialog), several of those, or ANY_STEP.
+Steps = str | None | Sequence[str | None] | _AnyStep
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One handler and the filters that must all accept a message."""
 
     handler: Handler
     filters: tuple[Filter, ...]
+    steps: frozenset[str | None] | None = None  # None: any step
 
-    def matches(self, message: Message) -> bool:
+    def matches(self, message: Message, step: str | None = None) -> bool:
+        if self.steps is not None and step not in self.steps:
+            return False
         return all(accept(message) for accept in self.filters)
+
+
+def _steps(state: Steps) -> frozenset[str | None] | None:
+    if isinstance(state, _AnyStep):
+        return None
+    if state is None or isinstance(state, str):
+        return frozenset({state})
+    return frozenset(state)
 
 
 def _pattern(value: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
@@ -132,24 +158,34 @@ class Router:
 
     # ------------------------------------------------------------------ declaring
 
-    def route(self, *filters: Filter) -> Callable[[Handler], Handler]:
-        """Route messages accepted by every filter (a function of the message)."""
+    def route(self, *filters: Filter, state: Steps = ANY_STEP) -> Callable[[Handler], Handler]:
+        """Route messages accepted by every filter (a function of the message), at the dialog
+        step(s) `state` (`None`: outside any dialog; default: any step)."""
+        steps = _steps(state)
 
         def register(handler: Handler) -> Handler:
-            self._routes.append(Route(handler, filters))
+            self._routes.append(Route(handler, filters, steps))
             return handler
 
         return register
 
-    def message(self, *types: str, text: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
+    def state(self, *steps: str | None) -> Callable[[Handler], Handler]:
+        """Any message while the user's dialog is at one of `steps` (`None`: in no dialog)."""
+        if not steps:
+            raise ValueError("state() needs at least one step (None: no dialog)")
+        return self.route(state=steps)
+
+    def message(
+        self, *types: str, text: str | re.Pattern[str] | None = None, state: Steps = ANY_STEP
+    ) -> Callable[[Handler], Handler]:
         """Messages of these `types` (any, if none) whose text matches the regex `text`, if given."""
         filters: list[Filter] = [_of_types(types)] if types else []
         pattern = _pattern(text)
         if pattern is not None:
             filters.append(_text_matches(pattern))
-        return self.route(*filters)
+        return self.route(*filters, state=state)
 
-    def command(self, *names: str) -> Callable[[Handler], Handler]:
+    def command(self, *names: str, state: Steps = ANY_STEP) -> Callable[[Handler], Handler]:
         """Text messages whose first word is one of `names`, with or without '/', any case.
 
         `@router.command("help")` answers "/help", "help" and "HELP me"; `ctx.command_args` holds
@@ -163,11 +199,13 @@ class Router:
             parsed = command_of(message.text) if message.type == "text" else None
             return parsed is not None and parsed[0] in wanted
 
-        return self.route(accept)
+        return self.route(accept, state=state)
 
-    def interactive(self, *ids: str, pattern: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
+    def interactive(
+        self, *ids: str, pattern: str | re.Pattern[str] | None = None, state: Steps = ANY_STEP
+    ) -> Callable[[Handler], Handler]:
         """Taps on our reply buttons or list rows, by their `id` (any, if none given)."""
-        return self.route(_value_matches(_reply_id, ids, _pattern(pattern)))
+        return self.route(_value_matches(_reply_id, ids, _pattern(pattern)), state=state)
 
     def button(self, *payloads: str, pattern: str | re.Pattern[str] | None = None) -> Callable[[Handler], Handler]:
         """Taps on a template's quick-reply button, by its `payload` (any, if none given)."""
@@ -219,9 +257,9 @@ class Router:
     def wants_statuses(self) -> bool:
         return bool(self._status_routes)
 
-    def handlers_for(self, message: Message) -> list[Handler]:
-        """The handlers of every matching route, in declaration order."""
-        return [route.handler for route in self._routes if route.matches(message)]
+    def handlers_for(self, message: Message, step: str | None = None) -> list[Handler]:
+        """The handlers of every matching route at dialog `step`, in declaration order."""
+        return [route.handler for route in self._routes if route.matches(message, step)]
 
     def fallback_for(self, message: Message) -> Handler | None:
         """Who answers a message no route ran to the end: a text goes to the text fallback
@@ -238,13 +276,14 @@ class Router:
     async def handle(self, message: Message, ctx: Context) -> None:
         """Run one message: the middleware once (built-in first, then the bot's, first added
         outermost) around the matching routes in order while they return `CONTINUE`, then the fallback."""
+        await ctx.load_state()
         run: Handler = self._route
         for middleware in reversed((*self._outer, *self._middleware)):
             run = _wrap_one(middleware, run)
         await run(message, ctx)
 
     async def _route(self, message: Message, ctx: Context) -> None:
-        for handler in self.handlers_for(message):
+        for handler in self.handlers_for(message, ctx.state.step):
             if await handler(message, ctx) is not CONTINUE:
                 return
         fallback = self.fallback_for(message)

@@ -327,7 +327,8 @@ async def test_a_hanging_orchestrator_of_one_tenant_does_not_delay_another(
             dispatch={"shutdown_grace_seconds": 0},
             routers={"home": Router("home"), "biz": ping},
         )
-        texts = [payloads.text(f"pregunta {i}", id=f"wamid.HANG{i:02d}") for i in range(12)]
+        # twelve users (one user's messages are handled one at a time, so one user alone holds one worker)
+        texts = [payloads.text(f"pregunta {i}", id=f"wamid.HANG{i:02d}", sender=f"1555000{i:04d}") for i in range(12)]
         assert await post_webhook(client, payloads.body_of(*texts)) == 200
         await wait_for(lambda: len(orch.requests) >= 3)  # home holds its workers, hanging
         started = time.monotonic()
