@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -60,6 +60,25 @@ class Transport(Protocol):
 
     async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
         """Upload media for sending; return its media id (valid 30 days)."""
+
+    async def manage(
+        self, method: str, phone_number_id: str, path: str, *, params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> GraphAnswer:
+        """A Business Management API call (`{waba_id}/message_templates`…) with the token of the
+        tenant that owns `phone_number_id`: Meta's status and JSON answer, redacted. Raises
+        `GraphUnavailable` when there is no answer (timeout, connection, sandbox)."""
+
+
+class GraphAnswer(msgspec.Struct, frozen=True):
+    """A management call's answer: Meta's HTTP status and its JSON body (secrets redacted)."""
+
+    status: int
+    body: Any
+
+
+class GraphUnavailable(Exception):
+    """A management call got no answer (timeout, connection refused, sandbox mode)."""
 
 
 class GraphTransport:
@@ -244,6 +263,14 @@ class GraphTransport:
             raise MediaError("upload: Graph answered without a media id")
         return media_id
 
+    async def manage(
+        self, method: str, phone_number_id: str, path: str, *, params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> GraphAnswer:
+        # callers build `path` from validated ids only (digits, fixed words)
+        request = _Management(method, f"{self._base}/{path}", params, body, self._auth(phone_number_id))
+        return await request.run(self._client(), self._timeout, self._redact)
+
 
 def media_url(raw: str, base_origin: URL, download_hosts: Sequence[str]) -> URL:
     """The media URL Graph gave, if the bearer token may go there: the Graph API's own origin
@@ -294,6 +321,32 @@ def _json_field(body: bytes, key: str) -> str | None:
 
 
 
+class _Management(NamedTuple):
+    """One Business Management API call (see `Transport.manage`)."""
+
+    method: str
+    url: str
+    params: Mapping[str, str] | None
+    body: Any
+    auth: dict[str, str]
+
+    async def run(self, session: aiohttp.ClientSession, limit: float, redact: Callable[[str], str]) -> GraphAnswer:
+        data = None if self.body is None else msgspec.json.encode(self.body)
+        headers = {**self.auth, **({"Content-Type": "application/json"} if data else {})}
+        try:
+            async with session.request(self.method, self.url, params=self.params, data=data, headers=headers) as resp:
+                raw = await resp.read()
+        except TimeoutError:
+            raise GraphUnavailable(f"no answer within {limit:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise GraphUnavailable(f"connection failed: {type(exc).__name__}") from None
+        try:
+            decoded = msgspec.json.decode(redact(raw.decode("utf-8", "replace")))
+        except msgspec.DecodeError:
+            decoded = {"error": {"message": f"Graph answered HTTP {resp.status} without JSON"}}
+        return GraphAnswer(resp.status, decoded)
+
+
 class SandboxTransport:
     """No access token: nothing goes to Meta; each send is 'accepted' with a sandbox wamid."""
 
@@ -317,3 +370,9 @@ class SandboxTransport:
 
     async def upload(self, phone_number_id: str, data: bytes, mime_type: str, filename: str) -> str:
         raise MediaError("media cannot be uploaded in sandbox mode (set WHATSAPP_ACCESS_TOKEN)")
+
+    async def manage(
+        self, method: str, phone_number_id: str, path: str, *, params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> GraphAnswer:
+        raise GraphUnavailable("the Graph API is not called in sandbox mode (set WHATSAPP_ACCESS_TOKEN)")

@@ -102,6 +102,12 @@ class FakeGraph:
         self._upload_ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
+        # message templates per WhatsApp Business Account id (see "message templates" below)
+        self.templates: dict[str, list[dict[str, Any]]] = {}
+        self.template_page_size = 2
+        self.template_requests: list[TemplateRequest] = []
+        self.template_script: deque[Answer] = deque()
+        self._template_ids = itertools.count(9000)
 
     async def start(self) -> str:
         app = web.Application(client_max_size=128 * 1024 * 1024)  # uploads up to Meta's limits
@@ -109,6 +115,9 @@ class FakeGraph:
         app.router.add_get("/{version}/{pnid}", self._probe)
         app.router.add_get("/media-bytes/{media_id}/download", self._download)
         app.router.add_post("/{version}/{pnid}/media", self._upload)
+        app.router.add_get("/{version}/{waba}/message_templates", self._list_templates)
+        app.router.add_post("/{version}/{waba}/message_templates", self._create_template)
+        app.router.add_delete("/{version}/{waba}/message_templates", self._delete_template)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -216,6 +225,96 @@ class FakeGraph:
         pnid = request.match_info["pnid"]
         self.uploads.append(Upload(pnid, auth, fields, data, filename, content_type, media_id))
         return web.json_response({"id": media_id})
+
+    # ------------------------------------------------------------------ message templates
+
+    def add_template(self, waba: str, name: str, language: str = "en_US", **fields: Any) -> dict[str, Any]:
+        """A template the account holds, in the shape `GET /{waba_id}/message_templates` lists it
+        (Meta: templates/overview; defaults: an APPROVED UTILITY template with a one-variable body)."""
+        template = {
+            "name": name,
+            "language": language,
+            "status": "APPROVED",
+            "category": "UTILITY",
+            "parameter_format": "POSITIONAL",
+            "id": str(next(self._template_ids)),
+            "components": [{"type": "BODY", "text": "Hello {{1}}"}],
+            **fields,
+        }
+        self.templates.setdefault(waba, []).append(template)
+        return template
+
+    def _record_template(self, request: web.Request, body: Any = None) -> TemplateRequest:
+        auth = request.headers.get("Authorization", "")
+        seen = TemplateRequest(request.method, request.match_info["waba"], dict(request.query), auth, body)
+        self.template_requests.append(seen)
+        return seen
+
+    def _scripted(self) -> web.Response | None:
+        if not self.template_script:
+            return None
+        answer = self.template_script.popleft()
+        raw = answer.body if isinstance(answer.body, bytes | None) else json.dumps(answer.body).encode()
+        return web.Response(status=answer.status, body=raw or b"", content_type="application/json")
+
+    async def _list_templates(self, request: web.Request) -> web.Response:
+        """Cursor paging like Graph's: `paging.cursors.after`, and `paging.next` while more remain."""
+        seen = self._record_template(request)
+        scripted = self._scripted()
+        if scripted is not None:
+            return scripted
+        every = self.templates.get(seen.waba, [])
+        start = int(seen.query.get("after", "0"))
+        end = start + self.template_page_size
+        paging: dict[str, Any] = {"cursors": {"before": str(start), "after": str(end)}}
+        if end < len(every):
+            paging["next"] = f"{self.url}{request.path}?limit={self.template_page_size}&after={end}"
+        return web.json_response({"data": every[start:end], "paging": paging})
+
+    async def _create_template(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        seen = self._record_template(request, body)
+        scripted = self._scripted()
+        if scripted is not None:
+            return scripted
+        made = self.add_template(
+            seen.waba,
+            body["name"],
+            body["language"],
+            status="PENDING",
+            **{k: v for k, v in body.items() if k in ("category", "components", "parameter_format")},
+        )
+        return web.json_response({"id": made["id"], "status": "PENDING", "category": made["category"]})
+
+    async def _delete_template(self, request: web.Request) -> web.Response:
+        """By name (every language), or by name and `hsm_id` (that one): templates/template-management."""
+        seen = self._record_template(request)
+        scripted = self._scripted()
+        if scripted is not None:
+            return scripted
+        every = self.templates.get(seen.waba, [])
+        name, hsm_id = seen.query.get("name"), seen.query.get("hsm_id")
+        keep = [t for t in every if t["name"] != name or (hsm_id is not None and t["id"] != hsm_id)]
+        if len(keep) == len(every):
+            error = {
+                "message": "Invalid parameter",
+                "type": "OAuthException",
+                "code": 100,
+                "error_subcode": 2593002,
+                "error_user_msg": f"The message template {name} wasn't found for this account.",
+            }
+            return web.json_response({"error": error}, status=400)
+        self.templates[seen.waba] = keep
+        return web.json_response({"success": True})
+
+
+@dataclass
+class TemplateRequest:
+    method: str
+    waba: str
+    query: dict[str, str]
+    authorization: str
+    body: Any
 
 
 # ---------------------------------------------------------------------------- the agent platform
