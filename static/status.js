@@ -67,7 +67,7 @@
   // ------------------------------------------------------------------ DOM building
 
   var ATTRS = ["class", "title", "colspan", "hidden", "disabled", "type", "min", "max", "low", "high",
-    "optimum", "value", "role", "data-tenant", "data-field", "data-id", "data-retry"];
+    "optimum", "value", "role", "data-tenant", "data-field", "data-id", "data-retry", "data-chart", "aria-label"];
 
   /** h("td", {class: "x"}, "text", child): children are text or nodes; only known attributes. */
   function h(tag, attrs) {
@@ -81,6 +81,23 @@
       var c = arguments[i];
       if (Array.isArray(c)) c.forEach(function (x) { if (x !== null && x !== undefined) el.append(x); });
       else if (c !== null && c !== undefined && c !== false) el.append(c);
+    }
+    return el;
+  }
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var SVG_ATTRS = ["class", "viewBox", "role", "aria-labelledby", "focusable", "id", "x", "y", "x1", "y1", "x2",
+    "y2", "width", "height", "rx", "d", "text-anchor"];
+
+  /** s("path", {d: "..."}): an SVG element; children are text or nodes; only known attributes. */
+  function s(tag, attrs) {
+    var el = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      if (SVG_ATTRS.indexOf(k) >= 0 && attrs[k] !== null && attrs[k] !== undefined) el.setAttribute(k, String(attrs[k]));
+    });
+    for (var i = 2; i < arguments.length; i++) {
+      var c = arguments[i];
+      if (Array.isArray(c)) c.forEach(function (x) { if (x !== null && x !== undefined) el.append(x); });
+      else if (c !== null && c !== undefined) el.append(c);
     }
     return el;
   }
@@ -111,7 +128,157 @@
       items.length ? items : h("li", {class: "chip empty"}, empty));
   }
 
-  function card(t) {
+  // ------------------------------------------------------------------ charts (as statuspage/charts.py)
+  // Same shapes for the same data, coordinate for coordinate: keep in step with charts.py.
+
+  var WIDTH = 320, HEIGHT = 120, LEFT = 38, RIGHT = 8, TOP = 10, BOTTOM = 22;
+  var PLOT_W = WIDTH - LEFT - RIGHT, PLOT_H = HEIGHT - TOP - BOTTOM;
+  var RATE_HEIGHT = 54, RATE_LEFT = 62, RATE_VALUE = 48, X_TICKS = 5;
+  var SERIES = [["inbound", "inbound"], ["sent", "sent"], ["failed", "failed"]];
+
+  function coord(v) { return String(Math.floor(v * 10 + 0.5) / 10); }
+  function niceMax(v) {
+    var top = 2;
+    while (top < v) top = String(top)[0] === "4" ? Math.floor(top * 5 / 2) : top * 2;
+    return top;
+  }
+  function hhmm(at) { return isNum(at) ? new Date(at * 1000).toISOString().slice(11, 16) : ""; }
+  function num(v) { return isNum(v) ? v : 0; }
+  function xAt(i, n) { return LEFT + (n > 1 ? PLOT_W * i / (n - 1) : PLOT_W / 2); }
+  function yAt(v, top) { return TOP + PLOT_H * (1 - Math.min(v, top) / top); }
+  function anchor(k, ticks) {
+    if (ticks.length > 1 && k === 0) return "start";
+    return ticks.length > 1 && k === ticks.length - 1 ? "end" : "middle";
+  }
+
+  function frame(points, top) {
+    var n = points.length, ys = [0, 1, 2].map(function (k) { return [top * k / 2, yAt(top * k / 2, top)]; });
+    var xs = [];
+    if (n > 1) for (var k = 0; k < X_TICKS; k++) xs.push(Math.floor((n - 1) * k / (X_TICKS - 1) + 0.5));
+    else if (n === 1) xs.push(0);
+    return {
+      width: WIDTH, height: HEIGHT,
+      grid: ys.map(function (p) { return {x1: coord(LEFT), x2: coord(WIDTH - RIGHT), y: coord(p[1])}; }),
+      y_ticks: ys.map(function (p) { return {x: coord(LEFT - 4), y: coord(p[1] + 3), label: count(p[0])}; }),
+      x_ticks: xs.map(function (i, k) {
+        return {x: coord(xAt(i, n)), y: coord(HEIGHT - 6), label: hhmm(points[i].at), anchor: anchor(k, xs)};
+      }),
+      baseline: {x1: coord(LEFT), x2: coord(WIDTH - RIGHT), y: coord(TOP + PLOT_H)}
+    };
+  }
+
+  function bars(values, n, top) {
+    var width = Math.max(1, PLOT_W / Math.max(n, 1) - 1);
+    return values.map(function (iv) {
+      return {x: coord(xAt(iv[0], n) - width / 2), y: coord(yAt(iv[1], top)), width: coord(width),
+        height: coord(TOP + PLOT_H - yAt(iv[1], top))};
+    });
+  }
+
+  function countsChart(points) {
+    var n = points.length, totals = {}, peak = 0, inbound = [];
+    SERIES.forEach(function (sr) {
+      totals[sr[0]] = points.reduce(function (sum, p) { return sum + Math.trunc(num(p[sr[0]])); }, 0);
+      points.forEach(function (p) { peak = Math.max(peak, num(p[sr[0]])); });
+    });
+    var top = niceMax(peak);
+    points.forEach(function (p, i) { if (num(p.inbound) > 0) inbound.push([i, num(p.inbound)]); });
+    var lines = ["sent", "failed"].map(function (key) {
+      var steps = points.map(function (p, i) { return coord(xAt(i, n)) + "," + coord(yAt(num(p[key]), top)); });
+      return {key: key, d: steps.length ? "M" + steps.join(" L") : ""};
+    });
+    var legend = SERIES.map(function (sr) { return {key: sr[0], label: sr[1], total: totals[sr[0]]}; });
+    return Object.assign(frame(points, top), {top: top, peak: peak, totals: totals, bars: bars(inbound, n, top),
+      lines: lines, legend: legend});
+  }
+
+  function latencyChart(points) {
+    var n = points.length, values = [], peak = 0;
+    points.forEach(function (p, i) { if (isNum(p.p95_ms)) { values.push([i, p.p95_ms]); peak = Math.max(peak, p.p95_ms); } });
+    var top = niceMax(peak);
+    return Object.assign(frame(points, top), {top: top, peak: peak, bars: bars(values, n, top), minutes: n,
+      minutes_with_replies: values.length});
+  }
+
+  function ratesChart(delivered, read) {
+    var track = WIDTH - RATE_LEFT - RATE_VALUE;
+    var rows = [["delivered", delivered], ["read", read]].map(function (kv, k) {
+      var known = isNum(kv[1]), share = known ? Math.min(1, Math.max(0, kv[1])) : 0, y = 4 + k * 26;
+      return {key: kv[0], label: kv[0], y: coord(y), text_y: coord(y + 13), fill: coord(track * share),
+        value: known ? (share * 100).toFixed(1) + "%" : "\u2014"};
+    });
+    return {width: WIDTH, height: RATE_HEIGHT, left: coord(RATE_LEFT), label_x: coord(RATE_LEFT - 6),
+      track: coord(track), value_x: coord(WIDTH - RATE_VALUE + 6), rows: rows};
+  }
+
+  function svgFrame(c) {
+    return [
+      s("g", {class: "grid"}, c.grid.map(function (g) { return s("line", {x1: g.x1, y1: g.y, x2: g.x2, y2: g.y}); })),
+      s("g", {class: "axis y-axis"}, c.y_ticks.map(function (t) { return s("text", {x: t.x, y: t.y, "text-anchor": "end"}, t.label); })),
+      s("g", {class: "axis x-axis"}, c.x_ticks.map(function (t) { return s("text", {x: t.x, y: t.y, "text-anchor": t.anchor}, t.label); })),
+      s("line", {class: "baseline", x1: c.baseline.x1, y1: c.baseline.y, x2: c.baseline.x2, y2: c.baseline.y})
+    ];
+  }
+  function span(c) { return c.x_ticks.length ? c.x_ticks[0].label + "\u2013" + c.x_ticks[c.x_ticks.length - 1].label + " UTC" : "no data"; }
+  function svgBox(c, id, title, desc, extra) {
+    return s("svg", {class: "chart-svg" + (extra ? " " + extra : ""), viewBox: "0 0 " + c.width + " " + c.height, role: "img",
+      "aria-labelledby": id + "-t " + id + "-d", focusable: "false"},
+      s("title", {id: id + "-t"}, title), s("desc", {id: id + "-d"}, desc));
+  }
+  function figure(kind, caption, note, svg, after) {
+    return h("figure", {class: "chart", "data-chart": kind},
+      h("figcaption", {}, caption + " ", h("span", {class: "muted"}, note)), svg, after);
+  }
+
+  function tenantCharts(t, n) {
+    var points = arr(t.activity).map(obj), del = obj(t.delivery_24h), name = visible(t.name), id = "chart-" + n;
+    var c = countsChart(points), l = latencyChart(points), r = ratesChart(del.delivered_ratio, del.read_ratio);
+    var counts = svgBox(c, id + "-counts", name + ": messages per minute, last hour", span(c) + ": " +
+      count(c.totals.inbound) + " inbound, " + count(c.totals.sent) + " sent, " + count(c.totals.failed) +
+      " failed; at most " + count(c.peak) + " in one minute.");
+    counts.append.apply(counts, svgFrame(c).concat(c.bars.map(function (b) {
+      return s("rect", {class: "bar inbound", x: b.x, y: b.y, width: b.width, height: b.height});
+    }), c.lines.map(function (ln) { return s("path", {class: "line " + ln.key, d: ln.d}); })));
+    var latency = svgBox(l, id + "-latency", name + ": p95 reply latency per minute in milliseconds, last hour", span(l) + ": " +
+      (l.minutes_with_replies ? "replies in " + l.minutes_with_replies + " of " + l.minutes + " minutes; the highest p95 was " + ms(l.peak) + " ms." : "no replies."));
+    latency.append.apply(latency, svgFrame(l).concat(l.bars.map(function (b) {
+      return s("rect", {class: "bar latency", x: b.x, y: b.y, width: b.width, height: b.height});
+    })));
+    var rates = svgBox(r, id + "-rates", name + ": delivered and read, last 24 hours",
+      r.rows.map(function (row) { return row.label + " " + row.value; }).join(", ") + " of " + count(del.sent) + " sent.", "rates");
+    r.rows.forEach(function (row) {
+      rates.append(
+        s("text", {class: "rate-label", x: r.label_x, y: row.text_y, "text-anchor": "end"}, row.label),
+        s("rect", {class: "track", x: r.left, y: row.y, width: r.track, height: 18, rx: 3}),
+        s("rect", {class: "fill " + row.key, x: r.left, y: row.y, width: row.fill, height: 18, rx: 3}),
+        s("text", {class: "rate-value", x: r.value_x, y: row.text_y}, row.value));
+    });
+    return h("div", {class: "charts", "data-field": "charts"},
+      figure("counts", "Messages per minute", "last hour", counts, h("ul", {class: "legend"}, c.legend.map(function (ln) {
+        return h("li", {}, h("span", {class: "swatch " + ln.key}), ln.label + " ", h("b", {}, count(ln.total)));
+      }))),
+      figure("latency", "p95 reply latency per minute", "ms, last hour", latency),
+      figure("rates", "Delivered and read", "of messages sent in the last 24 h", rates));
+  }
+
+  function campaignRow(c) {
+    var counts = obj(c.counts), state = visible(c.state);
+    return h("tr", {"data-id": c.id},
+      h("td", {class: "time"}, utc(c.created_at)),
+      h("td", {}, visible(c.tenant)),
+      h("td", {}, h("bdi", {}, visible(c.name) || "\u2014"), c.template ? [" ", h("span", {class: "muted"}, visible(c.template))] : null),
+      h("td", {}, h("span", {class: "badge cs-" + state}, state)),
+      h("td", {class: "progress-cell"},
+        h("progress", {max: isNum(c.total) && c.total ? c.total : 1, value: isNum(c.done) && c.done ? c.done : 0,
+          "aria-label": "sent, failed or skipped of all recipients"}), " ",
+        h("span", {"data-field": "progress"}, count(c.done) + " of " + count(c.total) + " \u00b7 " + pct(c.progress))),
+      h("td", {class: "n", "data-field": "delivered"}, pct(c.delivered_ratio)),
+      h("td", {class: "n", "data-field": "read"}, pct(c.read_ratio)),
+      h("td", {class: "n"}, count(counts.failed)),
+      h("td", {class: "n"}, count(counts.skipped)));
+  }
+
+  function card(t, n) {
     var rate = isNum(t.rate_limit) ? t.rate_limit : null;
     var out = t.outbound_per_minute;
     var load = rate && isNum(out) ? Math.min(1, out / (rate * 60)) : null;
@@ -132,6 +299,7 @@
       h("div", {class: "load"},
         h("meter", {min: 0, max: 1, low: 0.6, high: 0.85, optimum: 0, value: load || 0}),
         h("span", {"data-field": "load"}, pct(load) + " of the limit (" + count(rate === null ? null : rate * 60) + "/min)")),
+      tenantCharts(t, n),
       h("h4", {}, "Outbox"),
       chips("outbox", orderedStates(obj(t.outbox)).map(function (p) {
         return h("li", {class: "chip st-" + p[0]}, visible(p[0]) + " ", h("b", {}, count(p[1])));
@@ -221,13 +389,21 @@
     if (modeEl) { modeEl.textContent = mode; modeEl.className = "badge mode-" + mode; }
     var draining = document.getElementById("draining");
     if (draining) draining.hidden = !data.draining;
+    var redis = document.getElementById("redis"), shared = obj(data.redis).status;
+    if (redis) {
+      redis.hidden = !shared;
+      var fine = shared === "ok";
+      redis.textContent = "redis " + (shared ? (fine ? "ok" : "degraded") : "");
+      redis.className = "badge " + (fine ? "good" : "warn");
+    }
     text("version", String(data.version || "?"));
     text("uptime", duration(data.uptime_seconds));
     text("q-dispatch", count(q.dispatch) + " / " + count(q.dispatch_size));
     text("q-send", count(q.send));
     text("nodes", nodesText(arr(data.nodes).map(obj)));
     var tenants = document.getElementById("tenants");
-    if (tenants) tenants.replaceChildren.apply(tenants, arr(data.tenants).map(function (t) { return card(obj(t)); }));
+    if (tenants) tenants.replaceChildren.apply(tenants, arr(data.tenants).map(function (t, i) { return card(obj(t), i + 1); }));
+    rows("campaigns", arr(data.campaigns).map(obj), 9, campaignRow, "No campaign under way.");
     rows("attention", arr(data.attention).map(obj), 4, attentionRow, "Nothing needs attention.");
     rows("failures", arr(data.recent_failures).map(obj), 6, failureRow, "No failures.");
     rows("dead", arr(data.dead_letters).map(obj), 7, deadRow, "No dead letters.");

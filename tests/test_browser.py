@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
+import html
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
+import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from alfred_bot.config import load_secrets
 from alfred_bot.context import Context
 from alfred_bot.models import Message
 from alfred_bot.router import Router
+from alfred_bot.statuspage import charts
 from tests import payloads
 from tests.conftest import API_TOKEN, PROD_ENV, post_webhook, prod_config, wait_for
 from tests.fakes import FakeGraph, graph_error
@@ -323,3 +330,204 @@ async def test_status_page_in_chromium(aiohttp_client: Any, tmp_path: Path, grap
         assert API_TOKEN not in await page.eval("document.cookie + location.href")
         assert await page.eval("window.__sameDocument") == "yes"
         assert page.problems() == []  # nothing went wrong in the page (a wrong token is no error)
+
+
+# ------------------------------------------------------------------ the charts (issue 17)
+
+
+def _png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Decode Chromium's screenshot (8-bit RGB or RGBA, not interlaced): width, height, RGBA rows."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, head = 8, b"", b""
+    while pos < len(data):
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + size]
+        head, idat = (chunk, idat) if kind == b"IHDR" else (head, idat + chunk if kind == b"IDAT" else idat)
+        pos += 12 + size
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", head)
+    assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+    channels = 4 if color == 6 else 3
+    raw, stride, rows, prev = zlib.decompress(idat), width * channels, [], bytearray(width * channels)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up, corner = prev[i], prev[i - channels] if i >= channels else 0
+            line[i] = (line[i] + _predict(kind, left, up, corner)) & 0xFF
+        rows.append(
+            bytes(line) if channels == 4 else b"".join(bytes(line[i : i + 3]) + b"\xff" for i in range(0, stride, 3))
+        )
+        prev = line
+    return width, height, rows
+
+
+def _predict(kind: int, left: int, up: int, corner: int) -> int:
+    """PNG's five scanline filters (RFC 2083 section 6)."""
+    if kind == 0:
+        return 0
+    if kind == 1:
+        return left
+    if kind == 2:
+        return up
+    if kind == 3:
+        return (left + up) // 2
+    p = left + up - corner
+    pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+    return left if pa <= pb and pa <= pc else up if pb <= pc else corner
+
+
+def _colours(rows: list[bytes]) -> collections.Counter[tuple[int, int, int]]:
+    return collections.Counter((r[i], r[i + 1], r[i + 2]) for r in rows for i in range(0, len(r), 4))
+
+
+def _near(colours: collections.Counter[tuple[int, int, int]], hex_colour: str, slack: int = 40) -> int:
+    """How many pixels are within `slack` per channel of a CSS colour (lines are anti-aliased)."""
+    want = bytes.fromhex(hex_colour.lstrip("#"))
+    return sum(n for c, n in colours.items() if all(abs(a - b) <= slack for a, b in zip(c, want, strict=True)))
+
+
+def _echo_router() -> Router:
+    router = Router("echo")
+
+    @router.default
+    async def echo(message: Message, ctx: Context) -> None:
+        ctx.reply("got it")
+
+    return router
+
+
+async def _chart_shot(page: Page, selector: str, path: Path) -> collections.Counter[tuple[int, int, int]]:
+    """A screenshot of exactly one chart (its bounding box, page coordinates), decoded to colour counts."""
+    box = await page.eval(
+        f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView({{block: 'center'}});"
+        " const r = e.getBoundingClientRect();"
+        " return {x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height, scale: 1}; })()"
+    )
+    assert box["width"] > 250 and box["height"] > 80, box
+    shot = await page.send("Page.captureScreenshot", format="png", clip=box, captureBeyondViewport=True)
+    data = base64.b64decode(shot["data"])
+    path.write_bytes(data)
+    width, height, rows = _png(data)
+    assert (width, height) == (round(box["width"]), round(box["height"])) or abs(width - box["width"]) <= 1
+    return _colours(rows)
+
+
+async def _json(client: Any) -> dict[str, Any]:
+    data: dict[str, Any] = await (await client.get("/status.json")).json()
+    return data
+
+
+def _shapes(svg: str) -> list[tuple[str, dict[str, str], str]]:
+    """Every element of an SVG's markup with its attributes (in any order) and its text, in document order."""
+    found = re.findall(r"<(\w+)\b([^>]*)>([^<]*)", svg)
+    return [
+        (tag, dict(re.findall(r'([\w:-]+)="([^"]*)"', attrs)), html.unescape(body).strip())
+        for tag, attrs, body in found
+    ]
+
+
+def _svg_of(page_html: str, tenant: str, chart: str) -> str:
+    card = page_html[page_html.index(f'data-tenant="{tenant}"') :]
+    start = card.index("<svg", card.index(f'data-chart="{chart}"'))
+    return card[start : card.index("</svg>", start)]
+
+
+COUNTS = '[data-tenant="home"] [data-chart="counts"] svg'
+LATENCY = '[data-tenant="home"] [data-chart="latency"] svg'
+
+
+async def test_charts_in_chromium(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    """Per tenant, the last hour per minute drawn as inline SVG: non-empty in a real screenshot,
+    axes labelled with the right values, redrawn by status.js as the server draws it."""
+    _require_chromium()
+    cfg = prod_config(tmp_path, graph)
+    client = await aiohttp_client(create_app(cfg, load_secrets(PROD_ENV), routers={"home": _echo_router()}))
+    for n in range(6):  # six messages, six replies, and one send Meta refuses for good
+        assert await post_webhook(client, payloads.body_of(payloads.text(f"hi {n}", id=f"wamid.CHART{n}"))) == 200
+    await _dead_letter(client, graph)
+    await wait_for(lambda: _totals(client, "sent", 6), timeout=STEP_TIMEOUT)
+    campaign = {
+        "tenant": "home",
+        "name": "Spring sale",
+        "template": {"name": "promo", "language": "en"},
+        "recipients": [{"to": "15550003001"}, {"to": "15550003002"}],
+        "send_at": time.time() + 3600,  # scheduled: under way, nothing sent yet
+    }
+    assert (await client.post("/api/campaigns", json=campaign, headers=AUTH)).status == 202
+    async with chromium(tmp_path) as page:
+        await page.navigate(str(client.make_url("/")))
+        await page.until("document.getElementById('updated').textContent.startsWith('updated ')")
+        assert await page.eval("document.querySelectorAll('[data-tenant] svg.chart-svg').length") == 6  # 3 per tenant
+        # the campaigns panel, redrawn by status.js: the open view shows progress, not the name
+        row = "#campaigns tr:not(.empty)"
+        assert await page.eval(f"document.querySelectorAll('{row}').length") == 1
+        assert await page.text(f"{row} [data-field=progress]") == "0 of 2 \u00b7 0.0%"
+        assert await page.eval(f"document.querySelector('{row} progress').max") == 2
+        assert not await page.eval("document.body.innerText.includes('Spring sale')")
+
+        # the axes: the count scale fits the busiest minute, the times are the minutes in the JSON
+        data = await _json(client)
+        points = data["tenants"][0]["activity"]
+        peak = max(max(p["inbound"], p["sent"], p["failed"]) for p in points)
+        top = charts.nice_max(peak)
+        assert await page.eval(f"[...document.querySelectorAll('{COUNTS} .y-axis text')].map(t => t.textContent)") == [
+            "0",
+            f"{top // 2:,}",
+            f"{top:,}",
+        ]
+        x_labels = await page.eval(f"[...document.querySelectorAll('{COUNTS} .x-axis text')].map(t => t.textContent)")
+        assert x_labels[0] == charts.hhmm(points[0]["at"]) and x_labels[-1] == charts.hhmm(points[-1]["at"])
+        assert len(x_labels) == charts.X_TICKS
+        legend = await page.eval(
+            "[...document.querySelectorAll('[data-tenant=\"home\"] .legend b')].map(b => b.textContent)"
+        )
+        assert legend == ["6", "6", "1"]  # inbound, sent, failed
+        bars = await page.eval(f"document.querySelectorAll('{LATENCY} rect.bar').length")
+        assert bars >= 1  # the minute(s) of the replies
+
+        # accessible: the SVG is an image named by its title and described by its desc
+        named = await page.eval(
+            f"(() => {{ const s = document.querySelector('{COUNTS}'); return s.getAttribute('role') + '|' +"
+            " s.getAttribute('aria-labelledby').split(' ')"
+            ".map(id => document.getElementById(id).textContent).join('|'); })()"
+        )
+        role, title, desc = named.split("|")
+        assert (role, title) == ("img", "home: messages per minute, last hour")
+        assert "6 inbound, 6 sent, 1 failed" in desc
+
+        # status.js draws exactly what the server drew (same data: retried across a minute boundary)
+        for _ in range(3):
+            server = _shapes(_svg_of(await (await client.get("/")).text(), "home", "counts"))
+            drawn = _shapes(await page.eval(f"document.querySelector('{COUNTS}').outerHTML"))
+            if server == drawn:
+                break
+            await asyncio.sleep(1)
+        else:
+            raise AssertionError(f"the page and status.js disagree:\n{server}\n---\n{drawn}")
+        kinds = [(tag, attrs.get("class")) for tag, attrs, _ in server]
+        assert kinds.count(("path", "line sent")) == kinds.count(("path", "line failed")) == 1
+        assert ("rect", "bar inbound") in kinds
+
+        # the screenshot: lines and bars really reach the screen in their colours
+        counts = await _chart_shot(page, COUNTS, tmp_path / "chart-counts.png")
+        background, _ = counts.most_common(1)[0]
+        drawn_pixels = sum(n for c, n in counts.items() if c != background)
+        assert drawn_pixels > 2000, drawn_pixels  # grid, axes, labels and three lines
+        assert _near(counts, "#8fb3ef", 12) > 50  # the inbound bar (light blue)
+        assert _near(counts, "#137333") > 20 and _near(counts, "#b3261e") > 20  # sent (green), failed (red)
+        latency = await _chart_shot(page, LATENCY, tmp_path / "chart-latency.png")
+        assert _near(latency, "#8a5300") > 10  # the p95 bars (amber)
+        if os.environ.get("ALFRED_SCREENSHOT"):
+            await page.screenshot(Path(os.environ["ALFRED_SCREENSHOT"]))
+
+        # a new message is drawn on the next poll, without a reload
+        await page.eval("window.__sameDocument = 'yes'")
+        assert await post_webhook(client, payloads.body_of(payloads.text("one more", id="wamid.CHART9"))) == 200
+        await page.until("document.querySelector('[data-tenant=\"home\"] .legend b').textContent === '7'")
+        assert await page.eval("window.__sameDocument") == "yes"
+        assert page.problems() == []  # no CSP violation, no script error
+
+
+async def _totals(client: Any, key: str, n: int) -> bool:
+    data = await _json(client)
+    return sum(p[key] for p in data["tenants"][0]["activity"]) >= n

@@ -7,8 +7,11 @@ recorded by the real dispatcher and shown by the real collector.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,11 @@ from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.context import Context
 from alfred_bot.models import Message
+from alfred_bot.parse import parse_body
 from alfred_bot.router import Router
-from alfred_bot.statuspage import attention, page
+from alfred_bot.statuspage import attention, campaigns, charts, page
+from alfred_bot.statuspage.activity import RecentActivity
+from alfred_bot.store import SqliteStore
 from tests import payloads
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -33,6 +39,7 @@ from tests.conftest import (
     prod_config,
     wait_for,
 )
+from tests.contract.helpers import sent_row
 from tests.fakes import FakeGraph, graph_error
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -204,6 +211,8 @@ async def test_static_files_are_served_with_their_types(client: Any, path: str, 
     body = await resp.read()
     assert body == (page.STATIC / Path(path).name).read_bytes()
     assert body.isascii()  # no charset needed to read them right
+    # the SVG namespace is a name (createElementNS), never fetched: the only URL allowed
+    body = body.replace(b'SVG_NS = "http://www.w3.org/2000/svg";', b"", 1)
     for external in (b"http:", b"https:", b"@import", b"url(", b"innerHTML", b"eval("):
         assert external not in body  # no CDN, no web font, no HTML injection sink
 
@@ -225,7 +234,12 @@ async def test_static_does_not_serve_outside_its_folder(client: Any, path: str) 
 async def test_missing_keys_do_not_break_the_page(client: Any) -> None:
     """Render the real template with a bare minimum and with a tenant missing every optional key."""
     template = aiohttp_jinja2.get_env(client.app).get_template("status.html")
-    for data in ({}, {"tenants": [{"name": "x"}], "recent_failures": [{}], "dead_letters": [{}]}):
+    odd = {"name": "y", "activity": [{"at": "noon", "inbound": "3", "p95_ms": True}, 5, None]}  # nothing usable
+    for data in (
+        {},
+        {"tenants": [{"name": "x"}], "recent_failures": [{}], "dead_letters": [{}]},
+        {"tenants": [odd], "campaigns": [{}, {"counts": "many", "total": "all"}]},
+    ):
         html = template.render(app=client.app, rendered_at=0, **page.view(data))
         assert "Alfred status" in html
         assert "—" in html
@@ -410,3 +424,213 @@ def test_attention_keeps_a_few_per_tenant_and_reads_values_defensively() -> None
     assert attention.classify("message_template_quality_update", {"new_quality_score": "GREEN"})[0] == ""
     long = attention.classify("message_template_status_update", {"event": "REJECTED", "reason": "x" * 5000})
     assert long is not None and len(long[2]) <= attention.DETAIL_MAX
+
+
+# ------------------------------------------------------------------ the last hour, the charts, campaigns (issue 17)
+
+POINT_KEYS = {"at", "inbound", "sent", "failed", "p95_ms"}
+TENANTS = {payloads.PNID: "home", payloads.BIZ_PNID: "biz"}
+
+
+def _sum(points: list[dict[str, Any]], key: str) -> int:
+    return sum(int(p[key]) for p in points)
+
+
+async def _status(client: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = await (await client.get("/status.json", headers=headers or {})).json()
+    return data
+
+
+async def test_every_tenant_has_an_hour_of_minutes_in_both_views(client: Any) -> None:
+    before = time.time()
+    for headers in ({}, AUTH):
+        data = await _status(client, headers)
+        for tenant in data["tenants"]:
+            points = tenant["activity"]
+            assert len(points) == 60
+            assert all(set(p) == POINT_KEYS for p in points)
+            starts = [p["at"] for p in points]
+            assert all(b - a == 60 for a, b in itertools.pairwise(starts))
+            assert starts[-1] == math.floor(before / 60) * 60 or starts[-1] == math.floor(time.time() / 60) * 60
+            assert _sum(points, "inbound") == _sum(points, "sent") == _sum(points, "failed") == 0
+            assert {p["p95_ms"] for p in points} == {None}
+        assert data["campaigns"] == []
+
+
+async def test_activity_counts_a_message_its_reply_and_a_refused_send(hostile: Any) -> None:
+    """The hostile fixture: one message (its handler failed: the configured fallback text answered
+    it, beside a read receipt, which is not a send) and one API send Meta refused for good."""
+    await wait_for(lambda: _sent(hostile, 1))
+    open_view, detailed = await _status(hostile), await _status(hostile, AUTH)
+    home = open_view["tenants"][0]["activity"]
+    assert (_sum(home, "inbound"), _sum(home, "sent"), _sum(home, "failed")) == (1, 1, 1)
+    assert len([p for p in home if p["p95_ms"] is not None]) == 1  # the fallback is a reply too
+    assert detailed["tenants"][0]["activity"][:59] == home[:59]  # the same counts for anyone (no names in them)
+    assert _sum(open_view["tenants"][1]["activity"], "inbound") == 0  # biz
+    html = await _page(hostile)
+    card = html[html.index('data-tenant="home"') : html.index('data-tenant="biz"')]
+    assert '<span class="swatch inbound"></span>inbound <b>1</b>' in card
+    assert '<span class="swatch failed"></span>failed <b>1</b>' in card
+    assert ": 1 inbound, 1 sent, 1 failed; at most 1 in one minute.</desc>" in card
+    assert card.count('<rect class="bar inbound"') == 1
+
+
+async def test_reply_latency_and_axes_on_the_page(client: Any) -> None:
+    """The default bot answers "hi": one message, one reply, its p95 from the webhook to Meta's accept."""
+    started = time.time()
+    assert await post_webhook(client, payloads.body_of(payloads.text("hi"))) == 200
+    await wait_for(lambda: _sent(client, 1))
+    elapsed_ms = (time.time() - started) * 1000
+    points = (await _status(client))["tenants"][0]["activity"]
+    latencies = [p["p95_ms"] for p in points if p["p95_ms"] is not None]
+    assert len(latencies) == 1 and 0 <= latencies[0] <= elapsed_ms
+    html = await _page(client)
+    card = html[html.index('data-tenant="home"') : html.index('data-tenant="biz"')]
+    counts = card[card.index('data-chart="counts"') : card.index('data-chart="latency"')]
+    assert re.findall(r'<text x="34" y="[\d.]+" text-anchor="end">([^<]+)</text>', counts) == ["0", "1", "2"]
+    times = re.findall(r'text-anchor="(?:start|middle|end)">(\d\d:\d\d)</text>', counts)
+    assert times[0] == charts.hhmm(points[0]["at"]) and times[-1] == charts.hhmm(points[-1]["at"])
+    latency = card[card.index('data-chart="latency"') : card.index('data-chart="rates"')]
+    assert latency.count('<rect class="bar latency"') == 1
+    assert "replies in 1 of 60 minutes; the highest p95 was" in latency
+    assert 'role="img" aria-labelledby="chart-1-latency-t chart-1-latency-d"' in latency
+    assert '<title id="chart-1-latency-t">home: p95 reply latency per minute in milliseconds' in latency
+
+
+async def _sent(client: Any, n: int) -> bool:
+    return _sum((await _status(client))["tenants"][0]["activity"], "sent") >= n
+
+
+async def test_kept_minutes_are_not_read_again(tmp_path: Path) -> None:
+    """`RecentActivity` reads the whole hour once, then only the minutes after those that ended
+    more than `SETTLED` seconds ago, and answers exactly what the store would for the hour."""
+    now = [1_767_225_600.0 + 30]
+    store = SqliteStore(tmp_path / "a.db", clock=lambda: now[0])
+    await store.open()
+    try:
+        recent = RecentActivity()
+        await store.ingest(parse_body(payloads.body_of(payloads.text("one", id="wamid.R1")), TENANTS))
+        first = await recent.read(store, now[0], ["home", "biz"])
+        assert first == await _direct(store, now[0]) | {"biz": first["biz"]}
+        assert _sum(first["home"], "inbound") == 1 and _sum(first["biz"], "inbound") == 0
+        now[0] += 2 * 60  # two minutes on: the first message's minute is kept
+        await store.ingest(parse_body(payloads.body_of(payloads.text("two", id="wamid.R2")), TENANTS))
+        second = await recent.read(store, now[0])
+        assert second == await _direct(store, now[0])
+        assert [p["inbound"] for p in second["home"]][-3:] == [1, 0, 1]
+        # a row stamped into a kept minute (a node whose clock is minutes behind) is not read again
+        later = now[0]
+        now[0] -= 2 * 60
+        await store.ingest(parse_body(payloads.body_of(payloads.text("late", id="wamid.R3")), TENANTS))
+        now[0] = later
+        assert [p["inbound"] for p in (await _direct(store, now[0]))["home"]][-3:] == [2, 0, 1]
+        assert [p["inbound"] for p in (await recent.read(store, now[0]))["home"]][-3:] == [1, 0, 1]
+        assert [p["inbound"] for p in (await RecentActivity().read(store, now[0]))["home"]][-3:] == [2, 0, 1]
+        now[0] += 60 * 60  # an hour later all have left the window
+        assert await recent.read(store, now[0]) == {}
+    finally:
+        await store.close()
+
+
+async def _direct(store: SqliteStore, now: float) -> dict[str, list[dict[str, Any]]]:
+    return await store.activity(math.floor(now / 60) * 60 - 59 * 60, 60)
+
+
+def test_charts_scale_and_shapes() -> None:
+    assert [charts.nice_max(v) for v in (0, 1, 2, 3, 5, 11, 41, 101, 399, 401)] == [
+        2, 2, 2, 4, 10, 20, 100, 200, 400, 1000
+    ]  # fmt: skip
+    assert [charts.coord(v) for v in (38.0, 107.65, 0.25, 0.35, 97.04999)] == ["38", "107.7", "0.3", "0.4", "97"]
+    points = [{"at": 1_767_225_600 + 60 * i, "inbound": 0, "sent": 0, "failed": 0, "p95_ms": None} for i in range(60)]
+    points[59] = {**points[59], "inbound": 3, "sent": 5, "failed": 1, "p95_ms": 850.0}
+    points[10] = {**points[10], "p95_ms": 120.5}
+    counts = charts.counts_chart(points)
+    assert (counts["top"], counts["totals"]) == (10, {"inbound": 3, "sent": 5, "failed": 1})
+    assert [t["label"] for t in counts["y_ticks"]] == ["0", "5", "10"]
+    assert [t["label"] for t in counts["x_ticks"]] == ["00:00", "00:15", "00:30", "00:44", "00:59"]
+    assert counts["bars"] == [{"x": "310.2", "y": "71.6", "width": "3.6", "height": "26.4"}]
+    assert counts["lines"][0]["d"].endswith(" L307.4,98 L312,54")  # sent: 5 of 10, half-way up
+    latency = charts.latency_chart(points)
+    assert (latency["top"], latency["minutes_with_replies"], len(latency["bars"])) == (1000, 2, 2)
+    assert [t["label"] for t in latency["y_ticks"]] == ["0", "500", "1,000"]
+    assert charts.counts_chart([])["lines"][0]["d"] == "" and charts.latency_chart([])["x_ticks"] == []
+    rates = charts.rates_chart(0.5, None)
+    assert [(r["fill"], r["value"]) for r in rates["rows"]] == [("105", "50.0%"), ("0", "—")]
+
+
+def test_campaign_progress_and_rates() -> None:
+    """Counts are exclusive, by each send's current state (the campaigns API)."""
+    summary = {
+        "id": "cmp_1", "tenant": "biz", "name": "Spring <sale>", "state": "running",
+        "template": {"name": "promo", "language": "en", "category": "MARKETING"}, "created_at": 1.0, "send_at": None,
+        "counts": {"queued": 4, "sent": 2, "delivered": 3, "read": 5, "failed": 1, "skipped": 3, "cancelled": 2},
+        "total": 20, "failures_by_code": {"131049": 1},
+    }  # fmt: skip
+    row = campaigns.panel_row(summary, detailed=True)
+    assert (row["done"], row["progress"]) == (16, 0.8)  # all but the 4 still waiting
+    assert (row["delivered_ratio"], row["read_ratio"]) == (round(8 / 11, 3), round(5 / 11, 3))
+    assert (row["name"], row["template"], row["id"]) == ("Spring <sale>", "promo", "cmp_1")
+    open_row = campaigns.panel_row(summary, detailed=False)
+    assert set(open_row) == set(campaigns.OPEN_KEYS) and "Spring" not in json.dumps(open_row)
+    empty = campaigns.panel_row({"state": "loading", "counts": None}, detailed=False)
+    assert (empty["total"], empty["progress"], empty["delivered_ratio"]) == (0, None, None)
+
+
+async def test_campaigns_panel_shows_those_under_way(client: Any) -> None:
+    """Created through the API (the real campaigns store): a scheduled campaign is under way, a
+    cancelled one is not; its name needs the token."""
+    body = {
+        "tenant": "biz",
+        "name": "Spring <sale>",
+        "template": {"name": "promo", "language": "en"},
+        "recipients": [{"to": "15550003001"}, {"to": "15550003002"}, {"to": "15550003001"}],
+        "send_at": time.time() + 3600,
+    }
+    resp = await client.post("/api/campaigns", json=body, headers=AUTH)
+    assert resp.status == 202, await resp.text()
+    kept = (await resp.json())["id"]
+    resp = await client.post("/api/campaigns", json={**body, "name": "gone"}, headers=AUTH)
+    gone = (await resp.json())["id"]
+    assert (await client.post(f"/api/campaigns/{gone}/cancel", headers=AUTH)).status == 200
+    await wait_for(lambda: _campaigns(client, 1))
+    [row] = (await _status(client, AUTH))["campaigns"]
+    assert (row["id"], row["name"], row["tenant"], row["state"]) == (kept, "Spring <sale>", "biz", "scheduled")
+    assert (row["total"], row["done"], row["progress"], row["delivered_ratio"]) == (2, 0, 0.0, None)
+    [open_row] = (await _status(client))["campaigns"]
+    assert "name" not in open_row and "id" not in open_row
+    html = await _page(client, AUTH)
+    panel = html[html.index('id="campaigns"') : html.index('id="attention-title"')]
+    assert f'<tr data-id="{kept}">' in panel and "Spring &lt;sale&gt;" in panel and "gone" not in panel
+    assert '<progress max="2" value="0"' in panel and "0 of 2 · 0.0%" in panel
+    assert "Spring" not in await _page(client)  # the open view
+
+
+async def _campaigns(client: Any, n: int) -> bool:
+    return len((await _status(client, AUTH))["campaigns"]) == n
+
+
+async def test_day_rates_are_read_again_as_often_as_they_are_cheap(tmp_path: Path) -> None:
+    """A day of sends is read for the 24 h rates again only after (its read time / reader share),
+    at most `delivery_every` s later: on a small store at once, on a big one not on every poll."""
+    now = 1_767_225_600.0
+    store = SqliteStore(tmp_path / "a.db", clock=lambda: now)
+    await store.open()
+    try:
+        expensive = RecentActivity(delivery_every=30.0, reader_share=1e-9)  # any read counts as slow
+        cheap = RecentActivity()
+        await sent_row(store, "o1", "wamid.O1", now)
+        for recent in (expensive, cheap):
+            assert await recent.delivery(store, now) == {"home": {"sent": 1, "delivered": 0, "read": 0}}
+        # Meta: Webhooks > messages > statuses ("delivered"),
+        # developers.facebook.com/docs/whatsapp/cloud-api/webhooks/components#statuses-object
+        delivered = payloads.status("wamid.O1", "delivered", timestamp=str(int(now) + 5))
+        value = payloads.value(statuses=[delivered])
+        await store.ingest(
+            parse_body(payloads.dump(payloads.envelope(payloads.entry(payloads.change(value)))), TENANTS)
+        )
+        assert (await cheap.delivery(store, now + 10))["home"]["delivered"] == 1  # read in under 0.1 s: read again
+        assert (await expensive.delivery(store, now + 29))["home"]["delivered"] == 0  # as read 29 s ago
+        assert (await expensive.delivery(store, now + 30))["home"]["delivered"] == 1
+        assert (await expensive.delivery(store, now + 20))["home"]["delivered"] == 1  # the clock stepped back: read
+    finally:
+        await store.close()

@@ -22,12 +22,13 @@ from typing import Any
 from aiohttp import web
 
 from alfred_bot import __version__, keys
+from alfred_bot.bus.health import redis_health
 from alfred_bot.privacy import mask
 from alfred_bot.security import api_token_of, token_ok
-from alfred_bot.statuspage import attention
+from alfred_bot.statuspage import attention, campaigns
+from alfred_bot.statuspage.activity import RECENT_ACTIVITY, RecentActivity
 from alfred_bot.telemetry import HealthStatus, health_status
 
-DAY = 86400.0
 RECENT = 20
 EXCERPT = 80
 EVENTS_PER_FIELD = 100  # newest events read per field to find those needing a person
@@ -83,7 +84,13 @@ def _delivery(counts: dict[str, int] | None) -> dict[str, Any]:
 
 
 def _tenant(
-    app: web.Application, name: str, outbox: dict[str, int], delivery: dict[str, int] | None, detailed: bool
+    app: web.Application,
+    name: str,
+    outbox: dict[str, int],
+    delivery: dict[str, int] | None,
+    *,
+    activity: list[dict[str, Any]],
+    detailed: bool,
 ) -> dict[str, Any]:
     cfg, sender, telemetry = app[keys.CONFIG], app[keys.SENDER], app[keys.TELEMETRY]
     lanes = app[keys.DISPATCHER].queue
@@ -103,6 +110,7 @@ def _tenant(
         "errors_by_code": telemetry.errors_by_code(name),
         "paused": (paused if detailed else _only(paused, OPEN_PAUSE)) if paused else None,
         "delivery_24h": _delivery(delivery),
+        "activity": activity,  # the last hour per minute, from the store: counts and latencies only
     }
 
 
@@ -156,7 +164,9 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
     state = await health(app)
     store_ok = state.store_ok
     by_tenant = await store.outbox_by_tenant() if store_ok else {}
-    delivery = await store.delivery(time.time() - DAY) if store_ok else {}
+    recent = app.get(RECENT_ACTIVITY) or RecentActivity()
+    delivery = await recent.delivery(store, time.time()) if store_ok else {}
+    activity = await recent.read(store, time.time(), cfg.tenants) if store_ok else {}
     return {
         "status": state.status,
         "view": "detailed" if detailed else "open",
@@ -166,7 +176,18 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
         "draining": state.draining,
         "role": app[keys.ROLE],
         "nodes": await _nodes(app, detailed) if store_ok else [],
-        "tenants": [_tenant(app, name, by_tenant.get(name, {}), delivery.get(name), detailed) for name in cfg.tenants],
+        "tenants": [
+            _tenant(
+                app,
+                name,
+                by_tenant.get(name, {}),
+                delivery.get(name),
+                activity=activity.get(name, []),
+                detailed=detailed,
+            )
+            for name in cfg.tenants
+        ],
+        "campaigns": await campaigns.under_way(store, detailed) if store_ok else [],
         "queues": {
             "dispatch": dispatcher.queue.qsize(),
             "dispatch_size": dispatcher.queue.maxsize,
@@ -177,4 +198,5 @@ async def collect(app: web.Application, *, detailed: bool = False) -> dict[str, 
         "dispatcher": dict(telemetry.dispatch),
         "sender": dict(telemetry.sender),
         "orchestrator": dict(telemetry.orchestrator),
+        **({"redis": redis} if (redis := await redis_health(app)) is not None else {}),
     }

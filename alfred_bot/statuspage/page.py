@@ -6,6 +6,9 @@ numbers in place. The data is normalised here (`view`) so a key the collector do
 shows as "—" instead of breaking the page, and the template runs with `StrictUndefined` so a typo in
 it fails the tests instead of rendering blank.
 
+Each tenant card carries three inline-SVG charts (the last hour per minute, the p95 reply latency,
+the 24-hour rates) whose shapes `charts` computes; `status.js` computes the same shapes on each poll.
+
 Everything a user or Meta wrote (profile names, texts, error messages) is autoescaped, and bidi or
 control characters in it are made visible (`‹U+202E›`) so they cannot reorder the text around them.
 The page sends a Content-Security-Policy that allows only this origin's script and style, so even a
@@ -23,6 +26,9 @@ from typing import Any
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+
+from alfred_bot.statuspage import charts
+from alfred_bot.statuspage.activity import RECENT_ACTIVITY, RecentActivity
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STATIC = Path(__file__).resolve().parents[2] / "static"
@@ -104,6 +110,7 @@ def setup(app: web.Application) -> None:
         filters=FILTERS,
     )
     app.router.add_static("/static/", STATIC, name="alfred_static", append_version=True)
+    app[RECENT_ACTIVITY] = RecentActivity()
     app.on_response_prepare.append(_harden)
 
 
@@ -128,10 +135,12 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
         "version": str(data.get("version") or "?"),
         "uptime_seconds": _num(data.get("uptime_seconds")),
         "draining": bool(data.get("draining")),
+        "redis": _redis(data.get("redis")),
         "queues": {k: _num(queues.get(k)) for k in ("dispatch", "dispatch_size", "send")},
         "role": str(data.get("role") or "all"),
         "nodes": [_node(n) for n in _list(data.get("nodes"))],
         "tenants": [tenant_view(t) for t in _list(data.get("tenants"))],
+        "campaigns": [campaign_view(c) for c in _list(data.get("campaigns"))],
         "failures": [_pick(f, FAILURE_KEYS) for f in _list(data.get("recent_failures"))],
         "dead_letters": [_pick(d, DEAD_LETTER_KEYS) for d in _list(data.get("dead_letters"))],
         "attention": [_pick(a, ATTENTION_KEYS) for a in _list(data.get("attention"))],
@@ -139,6 +148,12 @@ def view(data: Mapping[str, Any]) -> dict[str, Any]:
         "graph_codes": GRAPH_CODES,
         "poll_ms": POLL_MS,
     }
+
+
+def _redis(raw: Any) -> str | None:
+    """`ok` / `degraded` when Redis is configured (degraded: each node paces on its equal share
+    and bus entries wait in the database), None without Redis."""
+    return None if not isinstance(raw, dict) else ("ok" if raw.get("status") == "ok" else "degraded")
 
 
 def _node(raw: Any) -> dict[str, Any]:
@@ -165,6 +180,31 @@ def tenant_view(raw: Any) -> dict[str, Any]:
         "errors": sorted(_dict(t.get("errors_by_code")).items(), key=lambda kv: (-_int(kv[1]), str(kv[0]))),
         "paused": _pick(pause, PAUSE_KEYS) if pause else None,
         "delivery": {k: _num(delivery.get(k)) for k in ("sent", "delivered", "read", "delivered_ratio", "read_ratio")},
+        "charts": charts_of(_list(t.get("activity")), delivery),
+    }
+
+
+def charts_of(activity: list[Any], delivery: Mapping[str, Any]) -> dict[str, Any]:
+    """The tenant's three charts (see `charts`): the points as sent, unreadable ones as empty minutes."""
+    points = [_dict(p) for p in activity]
+    return {
+        "counts": charts.counts_chart(points),
+        "latency": charts.latency_chart(points),
+        "rates": charts.rates_chart(delivery.get("delivered_ratio"), delivery.get("read_ratio")),
+    }
+
+
+CAMPAIGN_COUNTS = ("queued", "sent", "delivered", "read", "failed", "skipped", "cancelled")
+
+
+def campaign_view(raw: Any) -> dict[str, Any]:
+    """One running campaign's row (name, id and template only in the detailed view)."""
+    c = _dict(raw)
+    counts = _dict(c.get("counts"))
+    return {
+        **{k: c.get(k) for k in ("id", "name", "template", "tenant", "state", "created_at", "send_at")},
+        **{k: _num(c.get(k)) for k in ("total", "done", "progress", "delivered_ratio", "read_ratio")},
+        "counts": {k: _int(counts.get(k)) for k in CAMPAIGN_COUNTS},
     }
 
 
