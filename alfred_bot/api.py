@@ -16,8 +16,11 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from alfred_bot import __version__, keys
+from alfred_bot.bus.health import redis_health
 from alfred_bot.config import Config
 from alfred_bot.media import MediaError, check_upload, kind_for
+from alfred_bot.message_templates import check_send
+from alfred_bot.schedule import parse_send_at
 from alfred_bot.security import api_token_of, token_ok
 from alfred_bot.statuspage.numbers import health
 from alfred_bot.store import OutboxRow, StoreError, new_outbox_id
@@ -108,6 +111,9 @@ async def healthz(request: web.Request) -> web.Response:
         "outbox": outbox,
         "webhook": dict(telemetry.webhook),
     }
+    redis = await redis_health(app)  # only with Redis: shared or fallback pacing, relay, bus consumer
+    if redis is not None:
+        body["redis"] = redis
     return json_response(body, 200 if state.status == "ok" else 503)
 
 
@@ -174,14 +180,20 @@ def _invalid(field: str, problem: str) -> web.Response:
 
 async def send_message(request: web.Request) -> web.Response:
     """Queue a business-initiated send: 202 {"id", "status"}; 422 naming the field; same key, same id."""
-    app = request.app
-    body = await read_json(request)
+    return await queue_send(request.app, await read_json(request))
+
+
+async def queue_send(app: web.Application, body: Any) -> web.Response:
+    """`POST /api/messages` for a decoded body: every check, the row, the answer. The event bus's
+    `alfred-outbox` consumer calls it too, so a bus request is judged exactly as an API call."""
     target = _send_target(app[keys.CONFIG], body)
     if isinstance(target, web.Response):
         return target
     tenant, key = target
     try:
-        payload = validate_send(body)
+        send_at = parse_send_at(body.get("send_at") if isinstance(body, dict) else None)
+        payload = validate_send(_without_send_at(body))
+        await check_send(app[keys.STORE], app[keys.CONFIG], tenant, payload)  # the synced templates (issue 17)
     except InvalidMessage as exc:
         return _invalid(exc.field, str(exc).removeprefix(f"{exc.field}: "))
     row = OutboxRow(
@@ -192,6 +204,7 @@ async def send_message(request: web.Request) -> web.Response:
         type=payload["type"],
         payload=msgspec.json.encode(payload),
         priority=1,  # business-initiated: conversations with users go first
+        send_at=send_at,  # later: stored `scheduled`, the window checked again when it comes due
     )
     # Templates always pass. A group's window is opened by any member's message (groups/pricing),
     # which Alfred does not record per group: Meta decides (131047) instead of a guess here.
@@ -201,6 +214,11 @@ async def send_message(request: web.Request) -> web.Response:
         return await _queue(app, row, needs_window, field)
     except StoreError:
         return error(503, "temporarily unable to queue the message")
+
+
+def _without_send_at(body: Any) -> Any:
+    """The send body without Alfred's `send_at` (never sent to Meta)."""
+    return {k: v for k, v in body.items() if k != "send_at"} if isinstance(body, dict) else body
 
 
 async def _queue(app: web.Application, row: OutboxRow, needs_window: bool, field: str = "to") -> web.Response:
@@ -221,7 +239,8 @@ async def _queue(app: web.Application, row: OutboxRow, needs_window: bool, field
         if last is None or time.time() - last > WINDOW_SECONDS:
             return _invalid(field, "outside the 24-hour customer service window: only a template can be sent")
     [outbox_id] = await store.enqueue([row])
-    existing = None if outbox_id == row.id else await store.message(outbox_id)
+    # a scheduled row's state is the store's (`scheduled`, or `queued` if its time came meanwhile)
+    existing = None if outbox_id == row.id and row.send_at is None else await store.message(outbox_id)
     app[keys.SENDER].wake()
     return json_response({"id": outbox_id, "status": existing["state"] if existing else "queued"}, 202)
 
@@ -241,7 +260,22 @@ async def get_message(request: web.Request) -> web.Response:
             "needs_template": bool(row["needs_template"]),
         }
     keep = ("id", "tenant", "to", "type", "attempts", "wamid", "created_at", "sent_at", "delivered_at", "read_at")
-    return json_response({**{k: row[k] for k in keep}, "status": row["state"], "error": err})
+    return json_response({**{k: row[k] for k in keep}, "send_at": row["send_at"], "status": row["state"], "error": err})
+
+
+async def cancel_message(request: web.Request) -> web.Response:
+    """`DELETE /api/messages/{id}`: cancel a scheduled or still queued send (200, `cancelled`, also
+    when it was cancelled before); 409 once it is sending or sent (or failed); 404 if unknown."""
+    outbox_id = request.match_info["id"]
+    try:
+        state = await request.app[keys.STORE].dialogs.cancel(outbox_id)
+    except StoreError:
+        return error(503, "temporarily unable to cancel the message")
+    if state is None:
+        return error(404, "no such message")
+    if state != "cancelled":
+        return json_response({"error": f"the message is {state} already: too late to cancel", "status": state}, 409)
+    return json_response({"id": outbox_id, "status": "cancelled"})
 
 
 async def tenants(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,9 @@ from aiohttp import web
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-from alfred_bot import api, hosts, keys, logs, privacy, tracing, webhook
+from alfred_bot import api, api_campaigns, hosts, keys, logs, privacy, schedule, tracing, webhook
+from alfred_bot import message_templates as templates
+from alfred_bot.bus import node as bus
 from alfred_bot.cluster import JOIN_GRACE, SENDING_ROLES, ClusterView
 from alfred_bot.config import Config, ConfigError, Secrets
 from alfred_bot.context import Services
@@ -92,6 +95,12 @@ def create_app(
     app.cleanup_ctx.append(tracing.lifecycle(span_exporter))  # before the workers: flushed after they stop
     for ctx in (_store_ctx, _cluster_ctx, _sender_ctx, _dispatcher_ctx, _retention_ctx):
         app.cleanup_ctx.append(ctx)
+    # lifecycle: scheduled sends
+    app.cleanup_ctx.append(schedule.lifecycle)  # after the sender: stops before it
+    # lifecycle: campaigns and templates
+    app.cleanup_ctx.append(templates.sync_ctx)  # after the transport starts, stopped before it closes
+    # lifecycle: event bus
+    bus.install(app)  # nothing without a Redis URL
     return app
 
 
@@ -147,7 +156,8 @@ def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
     groups = {name: (t.access_token_env or "") if name in own else "" for name, t in cfg.tenants.items()}
     app[keys.SENDER] = sender = Sender(store, transport, cfg, token_groups=groups, telemetry=telemetry)
     app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(cfg.orchestrator, secrets.orchestrator_key, telemetry)
-    services = Services(store, transport, cfg.media_dir(), cfg.media.max_download_bytes)
+    check = functools.partial(templates.check_send, store, cfg)
+    services = Services(store, transport, cfg.media_dir(), cfg.media.max_download_bytes, cfg.tenants, check)
     routers: dict[str, Router] = app[keys.ROUTERS]
     app[keys.DISPATCHER] = Dispatcher(
         store,
@@ -180,6 +190,11 @@ def _add_routes(app: web.Application, role: str) -> None:
     add_post("/api/dead-letters/retry", api.retry_dead_letters)
     add_post("/api/media", api.upload_media)
     add_get("/api/audit", api.audit)
+    # routes: scheduled sends
+    app.router.add_delete("/api/messages/{id}", api.cancel_message)
+    # routes: campaigns and templates
+    api_campaigns.add_routes(app)
+    # routes: event bus
 
 
 async def _drain(app: web.Application) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import secrets as secrets_module
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,100}")
 _HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9.-]{1,253}")
+_TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")  # Meta: lower case letters, digits, underscores
+_LANGUAGE = re.compile(r"[a-z]{2,3}(_[A-Za-z]{2,4})?")
 
 
 class ConfigError(Exception):
@@ -224,6 +227,61 @@ class TenantConfig(_Section, frozen=True):
     access_token_env: str | None = None
     app_secret_env: str | None = None
     waba_id: str | None = None  # the WhatsApp Business Account: account-level webhooks name only this
+    #: IANA time zone of this number's users (e.g. "Europe/Madrid"): how handlers read "at 18:30".
+    timezone: str = "UTC"
+    #: An approved template with one body parameter (the thing to remember) for reminders that come
+    #: due outside the 24-hour window; unset: such reminders are refused up front.
+    reminder_template: str | None = None
+    reminder_template_language: str = "en_US"
+
+
+class RedisConfig(_Section, frozen=True):
+    """The Redis of the event bus and of the pacing shared by every node (issue 16). Empty `url`
+    (and no `ALFRED_REDIS_URL`, which wins: a URL with a password belongs in the environment):
+    no Redis, nothing changes."""
+
+    url: str = ""
+    ingest_stream: str = "alfred-ingest"
+    outbox_stream: str = "alfred-outbox"
+    dead_stream: str = "alfred-outbox-dead"
+    events_stream: str = "alfred-events"
+    group: str = "alfred"
+    #: `XADD … MAXLEN ~ n` on every stream Alfred writes: Redis keeps about this many entries each.
+    maxlen: int = 100_000
+    #: An `alfred-outbox` entry a consumer has held this long without acknowledging it (the node
+    #: died) is taken over by another node (XAUTOCLAIM).
+    claim_idle_seconds: float = 5.0
+
+
+class ScheduleConfig(_Section, frozen=True):
+    """Scheduled sends: how often a sending node looks for sends whose time has come."""
+
+    interval_seconds: float = 1.0
+
+
+class TemplatesConfig(_Section, frozen=True):
+    """Syncing each tenant's message templates (tenants with a `waba_id`) from the Graph API."""
+
+    sync_interval_seconds: float = 300.0  # a full re-list this often (Meta: 200 management calls/h/app/WABA)
+    event_poll_seconds: float = 2.0  # how often the template webhooks seen are checked, to re-list at once
+
+
+class CampaignsConfig(_Section, frozen=True):
+    """Campaigns: how recipients are taken in (memory stays bounded by `batch_size`)."""
+
+    batch_size: int = 500  # recipients per transaction
+    max_recipients: int = 1_000_000  # per campaign
+    max_upload_bytes: int = 64 * 1024 * 1024  # a CSV upload (spooled to disk) or a JSON body
+
+
+def _campaign_checks(cfg: Config) -> list[tuple[bool, str]]:
+    return [
+        (cfg.templates.sync_interval_seconds >= 1, "templates.sync_interval_seconds: must be >= 1"),
+        (cfg.templates.event_poll_seconds > 0, "templates.event_poll_seconds: must be > 0"),
+        (1 <= cfg.campaigns.batch_size <= 10_000, "campaigns.batch_size: must be between 1 and 10000"),
+        (cfg.campaigns.max_recipients >= 1, "campaigns.max_recipients: must be at least 1"),
+        (cfg.campaigns.max_upload_bytes >= 1024, "campaigns.max_upload_bytes: must be at least 1024"),
+    ]
 
 
 class Config(_Section, frozen=True):
@@ -241,6 +299,13 @@ class Config(_Section, frozen=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    # sections: scheduled sends
+    schedule: ScheduleConfig = msgspec.field(default_factory=ScheduleConfig)
+    # sections: campaigns and templates
+    templates: TemplatesConfig = msgspec.field(default_factory=TemplatesConfig)
+    campaigns: CampaignsConfig = msgspec.field(default_factory=CampaignsConfig)
+    # sections: event bus
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=dict)
 
     def handler_for(self, tenant: str) -> str:
@@ -327,6 +392,12 @@ def database_url(cfg: Config, environ: Mapping[str, str] | None = None) -> str |
     """The PostgreSQL URL this process should use, or None for the embedded SQLite database."""
     env = os.environ if environ is None else environ
     return _env(env, "ALFRED_DATABASE_URL") or cfg.storage.url or None
+
+
+def redis_url(cfg: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Redis URL of the event bus and shared pacing, or None (no Redis: nothing changes)."""
+    env = os.environ if environ is None else environ
+    return _env(env, "ALFRED_REDIS_URL") or cfg.redis.url or None
 
 
 def sandbox_secret(storage_path: str | Path) -> str:
@@ -504,6 +575,7 @@ def _check(cfg: Config) -> None:
             raise ConfigError(message)
     _check_tenants(cfg)
     _check_sections(cfg)
+    _check_schedule(cfg)
 
 
 def _host_ok(host: str) -> bool:
@@ -533,6 +605,22 @@ def _check_tenants(cfg: Config) -> None:
             value = getattr(tenant, key)
             if value is not None and not _ENV_NAME.fullmatch(value):
                 raise ConfigError(f"tenants.{name}.{key}: must be an environment variable name like BIZ_TOKEN")
+
+
+def _check_schedule(cfg: Config) -> None:
+    """Scheduled sends and reminders: the promoter's interval, each tenant's time zone and template."""
+    if not 0 < cfg.schedule.interval_seconds <= 60:
+        raise ConfigError("schedule.interval_seconds: must be > 0 and at most 60")
+    for name, tenant in cfg.tenants.items():
+        try:
+            zoneinfo.ZoneInfo(tenant.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"tenants.{name}.timezone: unknown time zone {tenant.timezone!r} (an IANA name like "
+                              '"Europe/Madrid" or "UTC")') from None  # fmt: skip
+        if tenant.reminder_template is not None and not _TEMPLATE_NAME.fullmatch(tenant.reminder_template):
+            raise ConfigError(f"tenants.{name}.reminder_template: must be a template name (lower case, digits, _)")
+        if not _LANGUAGE.fullmatch(tenant.reminder_template_language):
+            raise ConfigError(f"tenants.{name}.reminder_template_language: must be a language code like en_US")
 
 
 def _check_sections(cfg: Config) -> None:
@@ -568,6 +656,8 @@ def _check_sections(cfg: Config) -> None:
             "retention.delete_days: must be at least 8 (Meta redelivers for 7 days) and at least hot_days",
         ),
         (cfg.retention.interval_seconds > 0, "retention.interval_seconds: must be > 0"),
+        *_redis_checks(cfg.redis),
+        *_campaign_checks(cfg),
         (
             not cfg.retention.archive_url or _ARCHIVE_URL.fullmatch(cfg.retention.archive_url) is not None,
             "retention.archive_url: must look like s3://bucket or s3://bucket/prefix (letters, digits, /._-!*'())",
@@ -584,6 +674,25 @@ def _check_sections(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+_STREAM = re.compile(r"[A-Za-z0-9_.:{}-]{1,200}")
+
+
+def _redis_checks(r: RedisConfig) -> list[tuple[bool, str]]:
+    """The `[redis]` section's checks (the event bus)."""
+    streams = {"ingest_stream": r.ingest_stream, "outbox_stream": r.outbox_stream, "dead_stream": r.dead_stream}
+    streams["events_stream"] = r.events_stream
+    checks = [(_STREAM.fullmatch(v) is not None, f"redis.{k}: must be a stream name (letters, digits, _.:{{}}-)")
+              for k, v in streams.items()]
+    return [
+        *checks,
+        (not r.url or r.url.startswith(("redis://", "rediss://", "unix://")), "redis.url: must start with redis://"),
+        (len(set(streams.values())) == len(streams), "redis: the four stream names must differ"),
+        (_STREAM.fullmatch(r.group) is not None, "redis.group: must be a consumer group name (letters, digits, _.:-)"),
+        (r.maxlen >= 1000, "redis.maxlen: must be at least 1000"),
+        (r.claim_idle_seconds >= 0.5, "redis.claim_idle_seconds: must be at least 0.5"),
+    ]
 
 
 def parse_config(data: dict[str, Any]) -> Config:

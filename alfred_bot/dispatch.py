@@ -18,6 +18,7 @@ under the handler timeout and commits the outcome.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from alfred_bot import tracing
 from alfred_bot.config import Config, DispatchConfig
 from alfred_bot.consent import consent_middleware
 from alfred_bot.context import Context, Services, StatusContext
+from alfred_bot.dialog import UserLocks
 from alfred_bot.fairqueue import FairQueue
 from alfred_bot.limits import InboundLimiter, limit_middleware
 from alfred_bot.logs import bound, new_trace_id, redact
@@ -320,11 +322,17 @@ class Runner:
         self._services = services
         self._on_replies = on_replies
         self._early = EarlyReceipts(store, on_replies)
+        self._users = UserLocks()
         #: Set when shutdown starts: a completion that cannot be committed then stays pending.
         self.stopping = False
 
     async def message(self, item: InboundItem) -> None:
-        """Handle a message and commit its completion (replies, state, consent) in one write."""
+        """Handle a message and commit its completion (replies, state, consent) in one write; one
+        message of a user at a time, as its dialog state is read before and written after."""
+        async with self._users.hold(f"{item.tenant}:{item.message.sender}"):
+            await self._message(item)
+
+    async def _message(self, item: InboundItem) -> None:
         try:
             done = await self._run(item)
         finally:
@@ -368,9 +376,13 @@ class Runner:
             trace_id=item.trace_id,
             received_at=item.received_at,
         )
+        await ctx.load_state()  # outside the handler's try: a read error leaves the message pending
         try:
             async with asyncio.timeout(self._cfg.handler_timeout_seconds):
                 await router.handle(message, ctx)
+                await self._check_templates(ctx)
+        except StoreError:  # the database failed, not the handler: pending, tried again (no apology)
+            raise
         except Exception as exc:  # noqa: BLE001 (a handler bug must not stop the bot)
             return self._failed(ctx, exc)
         except asyncio.CancelledError as exc:
@@ -379,6 +391,16 @@ class Runner:
                 raise  # we are being stopped: the message stays pending
             return self._failed(ctx, exc)
         return self._completion(ctx, "limited" if ctx.limited else "handled")
+
+    async def _check_templates(self, ctx: Context) -> None:
+        """Template replies meet the synced templates, as API sends do (`InvalidMessage`: the
+        handler failed, its fallback goes instead)."""
+        check = self._services.check_template if self._services is not None else None
+        if check is None or ctx.tenant is None:
+            return
+        for reply in ctx.replies:
+            if reply.type == "template":
+                await check(ctx.tenant, json.loads(reply.payload))
 
     @staticmethod
     def _completion(ctx: Context, state: InboxState, error: str | None = None) -> Completion:
@@ -392,6 +414,9 @@ class Runner:
             user=ctx.recipient,
             consent=ctx.consent,
             phone_number_id=ctx.phone_number_id,
+            # a failed handler's state change and cancels go with its replies (see `_failed`)
+            dialog=ctx.state.written() if state != "failed" else None,
+            cancels=tuple(ctx.cancels) if state != "failed" else (),
         )
 
     def _failed(self, ctx: Context, exc: BaseException) -> Completion:

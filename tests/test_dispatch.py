@@ -17,6 +17,7 @@ from alfred_bot.fairqueue import FairQueue
 from alfred_bot.models import Message
 from alfred_bot.parse import decode_message
 from alfred_bot.router import Router
+from alfred_bot.store import StoreError
 from tests import payloads
 from tests.conftest import FaultyStore, db_rows, make_config, post_webhook, wait_for
 
@@ -294,3 +295,25 @@ def test_tenant_cap_leaves_a_worker_for_every_other_tenant(tmp_path: Path) -> No
     assert make_config(tmp_path, dispatch={"max_workers_per_tenant": 2}).dispatch.tenant_cap(2) == 2
     with pytest.raises(ConfigError, match=r"dispatch\.max_workers_per_tenant"):
         make_config(tmp_path, dispatch={"workers": 2, "max_workers_per_tenant": 3})
+
+
+async def test_a_database_error_inside_a_handler_leaves_the_message_pending(
+    aiohttp_client: Any, tmp_path: Path, secrets: Any
+) -> None:
+    """Not the handler's fault: no apology, no `failed`; the message is handled once the store answers."""
+    cfg = make_config(tmp_path)
+    router = Router()
+    calls: list[str] = []
+
+    @router.default
+    async def reads_the_store(message: Message, ctx: Context) -> None:
+        calls.append(message.id)
+        if len(calls) == 1:
+            raise StoreError("database read failed: the database system is shutting down")
+        ctx.reply("done")
+
+    client = await aiohttp_client(create_app(cfg, secrets, routers={"home": router}))
+    assert await post_webhook(client, payloads.body_of(payloads.text("x", id="wamid.DBDOWN"))) == 200
+    await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1, timeout=10)
+    assert calls == ["wamid.DBDOWN", "wamid.DBDOWN"]
+    assert _reply_texts(cfg.storage.path, "wamid.DBDOWN") == ["done"]  # never the fallback

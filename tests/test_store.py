@@ -12,6 +12,7 @@ import pytest
 
 from alfred_bot.parse import InboundItem, parse_body
 from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
+from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import db_rows
 
@@ -252,7 +253,7 @@ async def test_a_v2_database_is_migrated_to_v3(tmp_path: Path) -> None:
     store = SqliteStore(path)
     await store.open()
     try:
-        assert await store.writer.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 3
+        assert await store.writer.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
         [pending] = await store.pending(0, 10)
         assert (pending.seq, pending.item.message.text, pending.item.trace_id) == (2, "b", "trace-b")
         # the AUTOINCREMENT counter survived the rebuild: a deleted seq is never handed out again

@@ -8,7 +8,7 @@ engines. The embedded SQLite store is the default.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -39,6 +39,10 @@ class OutboxRow(msgspec.Struct, frozen=True):
     priority: int = 0  # 0: conversation (replies, receipts); 1: business-initiated (API)
     trace_id: str | None = None
     origin_at: float | None = None  # when the cause arrived (webhook or API call): end-to-end latency
+    #: Unix time to send at: a later time stores the row as `scheduled` (not claimed, and not
+    #: holding back the user's other sends) until it comes due; None or past: queued at once.
+    send_at: float | None = None
+    campaign_id: str | None = None  # the campaign this send belongs to (counts, pause, cancel)
 
 
 class OutboxJob(msgspec.Struct, frozen=True):
@@ -111,6 +115,39 @@ class Completion(msgspec.Struct, frozen=True):
     user: str | None = None
     consent: Literal["in", "out"] | None = None
     phone_number_id: str | None = None
+    #: The user's new conversation state (`ctx.state`), written in the same transaction; None: unchanged.
+    dialog: Dialog | None = None
+    #: Scheduled or queued sends of this user (`tenant`, `user`) the handler cancelled (`ctx.cancel`).
+    cancels: tuple[str, ...] = ()
+
+
+class Dialog(msgspec.Struct, frozen=True):
+    """One user's conversation state with one tenant: the dialog `step` (what `@router.state`
+    matches) and a JSON object of `data`. No step and empty data is no dialog: writing it deletes
+    the row. `expires_at` (Unix time): from then on it reads as no dialog."""
+
+    step: str | None = None
+    data: bytes = b"{}"
+    expires_at: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.step is None and self.data == b"{}"
+
+
+#: The largest `Dialog.data` an engine stores (bytes of JSON); `ctx.state` refuses more first.
+MAX_DIALOG_BYTES = 16 * 1024
+
+
+class DueSend(msgspec.Struct, frozen=True):
+    """A scheduled send whose time has come, as the promoter sees it (to re-check the window)."""
+
+    id: str
+    tenant: str
+    recipient: str
+    type: str
+    payload: bytes
+    send_at: float
 
 
 class PendingMessage(msgspec.Struct, frozen=True):
@@ -205,6 +242,12 @@ class Queries(Protocol):
     async def delivery(self, since: float) -> dict[str, dict[str, int]]:
         """Per tenant, messages sent since `since` and how many of them were delivered and read."""
 
+    async def activity(self, since: float, minutes: int) -> dict[str, list[dict[str, Any]]]:
+        """The status page's charts: per tenant with any traffic, `minutes` one-minute points from
+        `since`, oldest first, each `{at, inbound, sent, failed, p95_ms}` (`at`: the minute's start;
+        `failed`: Graph calls Meta refused plus failed delivery statuses; `p95_ms`: nearest-rank p95
+        of `sent_at - origin_at` over immediate replies, None without any). Receipts are not sends."""
+
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         """Inbound messages whose handler failed, newest first."""
 
@@ -276,6 +319,146 @@ class Maintenance(Protocol):
         """Delete one batch of finished rows older than `cutoff`; 0 when nothing is left."""
 
 
+class CampaignSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A campaign as created: `template` is `{"name", "language", "category"}` (category may be None)."""
+
+    id: str
+    tenant: str
+    name: str
+    template: dict[str, Any]
+    send_at: float | None = None
+
+
+class Campaigns(Protocol):
+    """Campaigns (`store.campaigns`): a template sent to many recipients, as outbox rows of
+    priority 1 with `campaign_id`, one per (campaign, recipient) (idem key `campaign:<id>:<to>`).
+
+    A campaign is `loading` while its recipients go in (its rows wait, `paused`, so a crash
+    mid-upload sends nothing until the upload is finished again), then `running`; `paused` rows
+    are not claimed; `cancel` turns waiting rows `cancelled`. Counts are read from the rows."""
+
+    async def create(self, spec: CampaignSpec) -> bool:
+        """Record a new campaign as `loading`; False (nothing changed) if the id exists."""
+
+    async def add(self, campaign_id: str, rows: Sequence[OutboxRow], *, marketing: bool) -> dict[str, int]:
+        """Queue one batch of the campaign's sends (one transaction). Recipients who opted out, or
+        (`marketing`) whose latest preference stopped marketing messages, are recorded as skipped
+        instead. Returns `{"queued", "skipped", "duplicates"}` for this batch: a recipient the
+        campaign already has (queued or skipped) is a duplicate and changes nothing."""
+
+    async def finish(self, campaign_id: str) -> str | None:
+        """End loading: `loading` becomes `running` and its rows become due (or `scheduled`); any
+        other state is kept. The state after, or None for an unknown campaign."""
+
+    async def control(self, campaign_id: str, action: str) -> str | None:
+        """`pause` | `resume` | `cancel`; the stored state after (unchanged if the action does not
+        apply: a cancelled campaign stays cancelled), or None for an unknown campaign."""
+
+    async def summary(self, campaign_id: str) -> dict[str, Any] | None:
+        """One campaign as `summaries` shows it, or None."""
+
+    async def summaries(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Campaigns, newest first: `id`, `tenant`, `name`, `state` (`loading`, `scheduled`,
+        `running`, `paused`, `cancelled`, `done`), `template`, `created_at`, `send_at`, `counts`
+        (exclusive, by each send's current state: `queued` waiting in any form, `sent`, `delivered`,
+        `read`, `failed`, `skipped`, `cancelled`), `total` and `failures_by_code` (`{"131049": 2}`)."""
+
+
+class TemplateInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One message template of a WhatsApp Business Account, as Graph lists it."""
+
+    name: str
+    language: str
+    status: str
+    category: str | None = None
+    id: str | None = None
+    parameter_format: str | None = None
+    components: list[dict[str, Any]] = []
+
+
+class Templates(Protocol):
+    """The synced message templates of each tenant (`store.templates`)."""
+
+    async def replace(self, tenant: str, templates: Sequence[TemplateInfo]) -> None:
+        """The tenant's whole set, as just listed by Graph (one transaction), and when."""
+
+    async def upsert(self, tenant: str, template: TemplateInfo) -> None:
+        """Add or update one template (one just created)."""
+
+    async def remove(self, tenant: str, name: str, template_id: str | None = None) -> int:
+        """Forget a deleted template (every language, or the one with `template_id`); how many."""
+
+    async def templates(self, tenant: str, name: str | None = None) -> list[TemplateInfo]:
+        """The tenant's templates (all, or those named `name`), by name then language."""
+
+    async def synced_at(self, tenant: str) -> float | None:
+        """When the tenant's set was last replaced (None: never synced: no check applies)."""
+
+
+class FeedEntry(msgspec.Struct, frozen=True):
+    """One row of the event bus feed: `stream` is `ingest` or `events`, `body` the entry's JSON."""
+
+    seq: int
+    stream: str
+    body: bytes
+
+
+class Feed(Protocol):
+    """The event bus feed (issue 16): a transactional outbox towards Redis Streams.
+
+    While `on`, every accepted inbound message, status and event, and every send outcome
+    (queued, sent, failed, delivered, read) adds a feed row IN THE SAME TRANSACTION as the write
+    itself, so what is committed is published, later if need be, never lost. `on` is False unless
+    a Redis URL is configured: then no feed row is ever written."""
+
+    on: bool
+
+    async def relay(self, publish: Callable[[list[FeedEntry]], Awaitable[None]], limit: int) -> int:
+        """Give the oldest rows (up to `limit`, in commit order as far as the engine knows it) to
+        `publish`; once it returns, delete them. If it raises, nothing is deleted (the rows come
+        again: a consumer may see an entry twice). How many were published; 0 when there were none
+        or another node is relaying right now (one relays at a time)."""
+
+    async def backlog(self) -> tuple[int, float | None]:
+        """Rows not yet published, and the creation time of the oldest (None when empty)."""
+
+
+class Dialogs(Protocol):
+    """Conversation state and scheduled sends (`store.dialogs`).
+
+    A handler's state is written by `Inbox.complete` (`Completion.dialog`), in the transaction
+    that queues its replies; this reads it. Scheduled sends are outbox rows in state `scheduled`
+    (`OutboxRow.send_at`): never claimed, never holding back their user's other sends, until the
+    promoter makes them `queued` here. Every change is conditional on the row's current state,
+    so nodes promoting or cancelling at once never apply a change twice."""
+
+    async def get(self, tenant: str, user: str) -> Dialog | None:
+        """The user's state with the tenant; None when there is none or it expired (store clock)."""
+
+    async def due(self, now: float, limit: int) -> list[DueSend]:
+        """Scheduled sends whose time is `now` or earlier, oldest first (reads only)."""
+
+    async def promote(self, ready: Sequence[str], late: Sequence[str], error: str, now: float) -> int:
+        """Of the sends still `scheduled`: `ready` become `queued` (due now, paced like any send),
+        `late` become `failed` with `error` and `needs_template` (outside the 24-hour window when
+        they came due). One transaction; how many became queued."""
+
+    async def cancel(self, outbox_id: str) -> str | None:
+        """Cancel a `scheduled` or `queued` send; the row's state after (`cancelled`, or the state
+        that kept it: `sending`, `sent`, …), None for an unknown id."""
+
+    async def scheduled(self, tenant: str, user: str, *, prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
+        """The user's scheduled sends (idempotency key starting with `prefix`), soonest first:
+        `id`, `send_at`, `type`, `payload` (decoded JSON)."""
+
+    async def next_at(self) -> float | None:
+        """When the soonest scheduled send comes due (None: nothing is scheduled)."""
+
+    async def purge(self, now: float, idle_before: float | None = None) -> int:
+        """Delete states that expired before `now`, and (personal data: retention) those not
+        changed since `idle_before`; how many."""
+
+
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Who this process is, for the heartbeat row other nodes and the status page read."""
 
@@ -318,5 +501,23 @@ class Cluster(Protocol):
 class Store(Inbox, Outbox, Queries, Maintenance, Cluster, Protocol):
     """Every role at once: what the wiring holds and what an engine implements.
 
+    Features beyond these roles are sub-objects (`store.<feature>`), each its own module per
+    engine, so that no engine class grows past a screenful.
+
     Every write is committed before the call returns. An engine proves itself by passing the
     contract suite in `tests/contract/` (add it to the `ENGINES` there)."""
+
+    # store features: conversation state and scheduled sends
+    @property
+    def dialogs(self) -> Dialogs:  # read-only: an engine's own class (SqliteDialogs) satisfies it
+        """Conversation state and scheduled sends."""
+    # store features: campaigns and templates
+    @property
+    def campaigns(self) -> Campaigns: ...  # read-only to the roles: each engine sets its own class
+
+    @property
+    def templates(self) -> Templates: ...
+    # store features: event bus feed
+    @property
+    def feed(self) -> Feed:
+        """The event bus feed (read-only here, so an engine's own `Feed` class satisfies it)."""

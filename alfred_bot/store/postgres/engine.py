@@ -30,7 +30,10 @@ from alfred_bot.store.base import (
     StoreError,
 )
 from alfred_bot.store.postgres import cluster, inbox, outbox, retention, schema
-from alfred_bot.store.postgres.cluster import DRIVER_ERRORS, Heartbeat, Listener
+from alfred_bot.store.postgres.campaigns import PostgresCampaigns, PostgresTemplates
+from alfred_bot.store.postgres.cluster import DRIVER_ERRORS, Heartbeat, Holdings, Listener
+from alfred_bot.store.postgres.dialogs import PostgresDialogs
+from alfred_bot.store.postgres.feed import PostgresFeed
 from alfred_bot.store.postgres.queries import ForwardedQueries
 from alfred_bot.store.postgres.reads import PostgresReads
 from alfred_bot.store.postgres.text import safe, safe_struct
@@ -79,12 +82,14 @@ class PostgresStore(ForwardedQueries):
         self._clock = clock
         self._pool: asyncpg.Pool | None = None
         self._counts = {"writes": 0, "errors": 0, "reconnects": 0}
+        self.dialogs = PostgresDialogs(self)
+        self.campaigns, self.templates = PostgresCampaigns(self), PostgresTemplates(self)
+        self.feed = PostgresFeed(self)
         self._heartbeat = Heartbeat(self._beat, takeover_seconds / 3)
+        self._holdings = Holdings()
         self._listener = Listener(url, takeover_seconds / 3, self._reconnected)
 
-    @property
-    def shared(self) -> bool:
-        return True
+    shared = True  # other nodes use the same database
 
     async def open(self) -> None:
         """Connect, migrate (under the advisory lock), announce this node, start listening.
@@ -133,7 +138,8 @@ class PostgresStore(ForwardedQueries):
         self._counts["reconnects"] += 1
 
     async def _beat(self) -> None:
-        await self._write(lambda c: cluster.beat(c, self.node, self._clock(), self.takeover_seconds))
+        held = self._holdings.seqs()
+        await self._write(lambda c: cluster.beat(c, self.node, self._clock(), self.takeover_seconds, held))
 
     async def _run(self, op: Op[T], *, write: bool) -> T:
         if write and self.read_only:
@@ -176,23 +182,26 @@ class PostgresStore(ForwardedQueries):
         if not len(body):
             return []
         now = self._clock()
-        return await self._write(lambda c: inbox.ingest(c, body, now))
+        return await self._write(lambda c: inbox.ingest(c, body, now, feed=self.feed.on))
 
     async def pending(self, after_seq: int, limit: int) -> list[PendingMessage]:
         return inbox.decoded(await self._read(lambda c: c.fetch(inbox.PENDING, after_seq, limit)))
 
     async def complete(self, done: Completion) -> bool:
+        self._holdings.drop(done.event_id, done.phone_number_id)
         now, done = self._clock(), safe_struct(done)
-        return await self._write(lambda c: inbox.complete(c, done, now))
+        return await self._write(lambda c: inbox.complete(c, done, now, feed=self.feed.on))
 
     async def release(self, event_id: str, phone_number_id: str) -> None:
+        self._holdings.drop(event_id, phone_number_id)
         await self._write(lambda c: inbox.release(c, self.node.id, event_id, phone_number_id))
 
     async def take(self, limit: int) -> list[PendingMessage]:
         now, lease = self._clock(), self.takeover_seconds
-        return await self._write(
+        taken = await self._write(
             lambda c: inbox.take(c, self.node.id, limit, now=now, lease=lease, dead_before=now - lease)
         )
+        return self._holdings.add(taken)
 
     async def nodes(self) -> list[dict[str, Any]]:
         now = self._clock()
@@ -205,7 +214,7 @@ class PostgresStore(ForwardedQueries):
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now, rows = self._clock(), [safe_struct(r) for r in rows]
-        return await self._write(lambda c: outbox.enqueue(c, rows, now))
+        return await self._write(lambda c: outbox.enqueue(c, rows, now, feed=self.feed.on))
 
     async def claim(
         self,
@@ -227,7 +236,7 @@ class PostgresStore(ForwardedQueries):
 
     async def settle(self, result: Settlement, now: float) -> None:
         result = safe_struct(result)  # Meta's error texts may carry NUL, which PostgreSQL text refuses
-        await self._write(lambda c: outbox.settle(c, result, now))
+        await self._write(lambda c: outbox.settle(c, result, now, feed=self.feed.on))
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
         return await self._read(lambda c: outbox.next_due(c, tenants))

@@ -18,8 +18,9 @@ import asyncpg
 
 from alfred_bot.parse import InboundItem, MalformedItem, ParsedBody, StatusItem
 from alfred_bot.store.base import Completion, PendingMessage
+from alfred_bot.store.postgres import dialogs, outbox
 from alfred_bot.store.postgres import events as event_log
-from alfred_bot.store.postgres import outbox
+from alfred_bot.store.postgres import feed as feed_log
 from alfred_bot.store.postgres.text import safe, safe_row
 from alfred_bot.store.sqlite import inbox as neutral
 
@@ -96,7 +97,9 @@ def _status_row(item: StatusItem, now: float) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-async def _insert_statuses(conn: asyncpg.Connection, statuses: list[StatusItem], now: float) -> list[StatusItem]:
+async def _insert_statuses(
+    conn: asyncpg.Connection, statuses: list[StatusItem], now: float, feed: bool = False
+) -> list[StatusItem]:
     """Insert new statuses; each new one of a known tenant moves its outbox row forward."""
     if not statuses:
         return []
@@ -111,16 +114,20 @@ async def _insert_statuses(conn: asyncpg.Connection, statuses: list[StatusItem],
     # rows are locked in one global order: two bodies with the same wamids in opposite orders
     # would otherwise deadlock (one aborted after a second, a 503, Meta's retry)
     for item in sorted(fresh, key=lambda s: (s.tenant or "", s.status.id)):
-        await outbox.apply_status(conn, item.tenant or "", item.status)
+        await outbox.apply_status(conn, item.tenant or "", item.status, feed=feed)
     return fresh
 
 
-async def ingest(conn: asyncpg.Connection, body: ParsedBody, now: float) -> list[InboundItem | StatusItem]:
+async def ingest(
+    conn: asyncpg.Connection, body: ParsedBody, now: float, *, feed: bool = False
+) -> list[InboundItem | StatusItem]:
     """Store everything in `body` (one transaction: the caller's); the new routed messages and
     statuses. New pending messages wake every node's dispatcher (NOTIFY, delivered at commit)."""
+    if feed:  # the event bus: entries for what is new in this body, in this transaction
+        await feed_log.ingest(conn, body, now)
     messages = await _insert_messages(conn, body.messages, now)
     fresh: list[InboundItem | StatusItem] = [*messages]
-    fresh += await _insert_statuses(conn, body.statuses, now)
+    fresh += await _insert_statuses(conn, body.statuses, now, feed)
     await event_log.insert(conn, body.events, now)
     if body.rejected:
         rejected = [safe_row((r.key, r.what, r.reason[:1000], r.raw, now)) for r in body.rejected]
@@ -148,13 +155,14 @@ async def _finish(conn: asyncpg.Connection, done: Completion, now: float) -> boo
     return bool(status == "UPDATE 1")
 
 
-async def complete(conn: asyncpg.Connection, done: Completion, now: float) -> bool:
+async def complete(conn: asyncpg.Connection, done: Completion, now: float, *, feed: bool = False) -> bool:
     """Finish a pending message, queue its replies and record consent, all in the caller's transaction."""
     if not await _finish(conn, done, now):
         return False
     if done.replies:
-        await outbox.insert_rows(conn, done.replies, now)
+        await outbox.insert_rows(conn, done.replies, now, feed=feed)
         await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+    await dialogs.write(conn, done, now)  # the state goes with the replies, or neither does
     if done.consent == "out":
         await conn.execute(
             "INSERT INTO optouts (tenant, user_id, at) VALUES ($1, $2, $3) "
@@ -183,15 +191,16 @@ def decoded(rows: Sequence[asyncpg.Record]) -> list[PendingMessage]:
 #: a lease counts while it has not run out and its owner still heartbeats. `SKIP LOCKED`: two
 #: nodes taking at once never wait for each other, and never both get one message.
 #: The plan must not depend on fresh statistics (a burst of inserts outruns autovacuum's ANALYZE):
-#: the user's head is a scalar subquery (one probe of `inbox_pending_user` per row, never a
-#: nested-loop join over all pending rows), and `= ANY(ARRAY(…))` keeps the update on the primary key.
+#: "no older pending message of the same user" is an anti-join probing `inbox_pending_user` (with
+#: 10k pending rows 2-4 ms, where `seq = (SELECT min(seq) …)` took 60 ms), and `= ANY(ARRAY(…))`
+#: keeps the update on the primary key.
 TAKE = f"""
 UPDATE inbox SET owner = $1, lease_until = $2
 WHERE seq = ANY(ARRAY(
     SELECT h.seq FROM inbox h
     WHERE h.state = 'pending'
-      AND h.seq = (SELECT min(e.seq) FROM inbox e WHERE e.state = 'pending' AND e.tenant = h.tenant
-                   AND COALESCE(e.sender, e.user_id) = COALESCE(h.sender, h.user_id))
+      AND NOT EXISTS (SELECT 1 FROM inbox e WHERE e.state = 'pending' AND e.tenant = h.tenant
+                   AND COALESCE(e.sender, e.user_id) = COALESCE(h.sender, h.user_id) AND e.seq < h.seq)
       AND (h.owner IS NULL OR h.lease_until IS NULL OR h.lease_until <= $3
            OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = h.owner AND n.seen_at >= $4))
     ORDER BY h.seq

@@ -36,7 +36,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 from alfred_bot.models import Status
 from alfred_bot.store.base import OutboxJob, OutboxRow, Settlement
-from alfred_bot.store.sqlite.outbox import RANK
+from alfred_bot.store.postgres import feed as feed_log
+from alfred_bot.store.sqlite.outbox import RANK, scheduled
 
 #: A connection of its own or one lent by the pool: the engine runs these functions on either.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -50,8 +51,8 @@ RECEIPT = "type = 'read'"
 #: Parameters in `OutboxRow`'s field order (each field is a column), then the time: `(*astuple(row), now)`.
 _FIELDS = OutboxRow.__struct_fields__
 _INSERT = f"""
-INSERT INTO outbox ({", ".join(_FIELDS)}, due_at, created_at)
-VALUES ({", ".join(f"${n}" for n in range(1, len(_FIELDS) + 2))}, ${len(_FIELDS) + 1})
+INSERT INTO outbox ({", ".join(_FIELDS)}, created_at, due_at, state)
+VALUES ({", ".join(f"${n}" for n in range(1, len(_FIELDS) + 4))})
 ON CONFLICT (tenant, idem_key) DO NOTHING
 """
 _IDS = """
@@ -60,10 +61,12 @@ JOIN unnest($1::text[], $2::text[]) AS k(tenant, idem_key) ON o.tenant = k.tenan
 """
 
 
-async def insert_rows(conn: Conn, rows: Sequence[OutboxRow], now: float) -> None:
+async def insert_rows(conn: Conn, rows: Sequence[OutboxRow], now: float, *, feed: bool = False) -> None:
     """Queue rows; a (tenant, idem_key) seen before keeps its first row (a handler re-run sends nothing twice)."""
-    values = [(*msgspec.structs.astuple(r), now) for r in rows]
+    values = [(*msgspec.structs.astuple(r), now, max(now, r.send_at or now), scheduled(r, now)) for r in rows]
     await conn.executemany(_INSERT, values)
+    if feed:  # the event bus: one "queued" entry per row inserted, in this transaction
+        await feed_log.queued(conn, rows, now)
 
 
 async def notify(conn: Conn) -> None:
@@ -71,11 +74,11 @@ async def notify(conn: Conn) -> None:
     await conn.execute(f"NOTIFY {CHANNEL}")
 
 
-async def enqueue(conn: Conn, rows: list[OutboxRow], now: float) -> list[str]:
+async def enqueue(conn: Conn, rows: list[OutboxRow], now: float, *, feed: bool = False) -> list[str]:
     """Insert rows; for an idem_key the tenant used before, return the first row's id instead."""
     if not rows:
         return []
-    await insert_rows(conn, rows, now)
+    await insert_rows(conn, rows, now, feed=feed)
     found = await conn.fetch(_IDS, [r.tenant for r in rows], [r.idem_key for r in rows])
     ids = {(f["tenant"], f["idem_key"]): f["id"] for f in found}
     await notify(conn)
@@ -97,9 +100,15 @@ _CLAIMABLE = f"o.tenant = $1 AND o.{PENDING} AND o.due_at <= $2 AND NOT o.id = A
 _FIRST_OF_USER = (
     f"NOT o.{RECEIPT} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
     f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.id <> o.id "
-    "AND (e.seq < o.seq OR (e.state = 'sending' AND e.due_at > $2)))"
+    # issue 17 (campaigns): an older row holds this one back only if no less urgent (a reply never
+    # waits for the user's campaign send); a row in flight holds back every other row of its user
+    "AND ((e.seq < o.seq AND e.priority <= o.priority) OR (e.state = 'sending' AND e.due_at > $2)))"
 )
-_JOB = "seq, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at"
+#: A scheduled send's age (`outbound.max_age_seconds`) counts from its `send_at`, not from when it was queued.
+_JOB = (
+    "seq, id, tenant, recipient, type, payload, attempts, GREATEST(created_at, COALESCE(send_at, 0)) AS created_at, "
+    "trace_id, origin_at"
+)
 #: $5 this node, $6 the lease's end.
 _LEASE = "UPDATE outbox o SET state = 'sending', owner = $5, attempts = o.attempts + 1, due_at = $6 WHERE "
 #: Candidates in claim order, row-locked (skipping rows other nodes hold), then per-user locked. The
@@ -243,7 +252,7 @@ def _error_values(r: Settlement) -> tuple[Any, ...]:
     return (r.id, r.attempts, r.error_code, r.error_message, r.error_details, r.error_fbtrace_id, r.error_http_status)
 
 
-async def settle(conn: Conn, r: Settlement, now: float) -> None:
+async def settle(conn: Conn, r: Settlement, now: float, *, feed: bool = False) -> None:
     """Record one send's end (and its audit entry); ignored unless the row is still leased by that claim."""
     if r.audit is not None:
         a = r.audit
@@ -261,19 +270,21 @@ async def settle(conn: Conn, r: Settlement, now: float) -> None:
             a.outcome,
         )
     if r.state == "sent":
-        await _settle_sent(conn, r, now)
+        await _settle_sent(conn, r, now, feed)
     elif r.state == "queued":
         await _settle_queued(conn, r, now)
     elif r.state == "dropped":
         await conn.execute(_SETTLE_DROPPED, *_error_values(r))
-    else:
-        await conn.execute(_SETTLE_FAILED, *_error_values(r), int(r.needs_template))
+    elif await conn.execute(_SETTLE_FAILED, *_error_values(r), int(r.needs_template)) == "UPDATE 1" and feed:
+        await feed_log.outcome(conn, r.id, "failed", now)
 
 
-async def _settle_sent(conn: Conn, r: Settlement, now: float) -> None:
+async def _settle_sent(conn: Conn, r: Settlement, now: float, feed: bool = False) -> None:
     row = await conn.fetchrow(_SETTLE_SENT, r.id, r.attempts, r.wamid, now)
+    if row is not None and feed:
+        await feed_log.outcome(conn, r.id, "sent", now)
     if row is not None and r.wamid:
-        await _replay_statuses(conn, row["tenant"], r.wamid)
+        await _replay_statuses(conn, row["tenant"], r.wamid, feed=feed)
 
 
 async def _settle_queued(conn: Conn, r: Settlement, now: float) -> None:
@@ -284,23 +295,24 @@ async def _settle_queued(conn: Conn, r: Settlement, now: float) -> None:
         await conn.execute(_DEFER, row["tenant"], row["recipient"], row["seq"], due)
 
 
-async def _replay_statuses(conn: Conn, tenant: str, wamid: str) -> None:
+async def _replay_statuses(conn: Conn, tenant: str, wamid: str, *, feed: bool = False) -> None:
     """Statuses can arrive before we recorded the wamid: apply those this tenant's number got."""
     rows = await conn.fetch(
         "SELECT status, timestamp, error_code FROM statuses WHERE wamid = $1 AND tenant = $2", wamid, tenant
     )
     for s in rows:
-        await _advance(conn, tenant, wamid, s["status"], at=float(s["timestamp"]), error=(s["error_code"], None, None))
+        error = (s["error_code"], None, None)
+        await _advance(conn, tenant, wamid, s["status"], at=float(s["timestamp"]), error=error, feed=feed)
 
 
-async def apply_status(conn: Conn, tenant: str, status: Status) -> None:
+async def apply_status(conn: Conn, tenant: str, status: Status, *, feed: bool = False) -> None:
     """Move the tenant's outbox row with this wamid forward; a `failed` status fails a row not yet
     delivered. Scoped by tenant: a body signed for one number can never touch another's sends."""
     error = status.errors[0] if status.errors else None
     details = error.error_data.details if error and error.error_data else None
     fields = (error.code, error.message or error.title, details) if error else (None, None, None)
     await conn.execute(_WAMID_LOCK, tenant, status.id)
-    await _advance(conn, tenant, status.id, status.status, at=float(status.timestamp), error=fields)
+    await _advance(conn, tenant, status.id, status.status, at=float(status.timestamp), error=fields, feed=feed)
 
 
 def _move(current: str, kind: str, state: str) -> Literal["fail", "advance"] | None:
@@ -327,7 +339,9 @@ WHERE id = $1
 """
 
 
-async def _advance(conn: Conn, tenant: str, wamid: str, state: str, *, at: float, error: tuple[Any, ...]) -> None:
+async def _advance(
+    conn: Conn, tenant: str, wamid: str, state: str, *, at: float, error: tuple[Any, ...], feed: bool = False
+) -> None:
     row = await conn.fetchrow(
         "SELECT id, state, type FROM outbox WHERE wamid = $1 AND tenant = $2 LIMIT 1 FOR UPDATE", wamid, tenant
     )
@@ -339,6 +353,8 @@ async def _advance(conn: Conn, tenant: str, wamid: str, state: str, *, at: float
         await conn.execute(_FAIL, row["id"], code, message, details, int(code in (131047, 470)))
     elif move == "advance":
         await conn.execute(_ADVANCE, row["id"], state, at)
+    if move is not None and feed:  # the event bus: failed / delivered / read / played
+        await feed_log.outcome(conn, row["id"], "failed" if move == "fail" else state, at)
 
 
 _RETRY = (
@@ -370,7 +386,7 @@ async def next_due(conn: Conn, tenants: frozenset[str]) -> float | None:
 
 _MESSAGE = (
     'SELECT id, tenant, recipient AS "to", type, state, attempts, wamid, error_code, error_message, error_details, '
-    "error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at FROM outbox"
+    "error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at, send_at FROM outbox"
 )
 
 

@@ -52,6 +52,9 @@ class ForwardedQueries:
     async def delivery(self, since: float) -> dict[str, dict[str, int]]:
         return await self.reads.delivery(since)
 
+    async def activity(self, since: float, minutes: int) -> dict[str, list[dict[str, Any]]]:
+        return await self.reads.activity(since, minutes)
+
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         return await self.reads.recent_failures(limit)
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from alfred_bot.store.base import StoreError
+from alfred_bot.store.postgres import activity as per_minute
 from alfred_bot.store.postgres import outbox
 from alfred_bot.store.postgres.cluster import DRIVER_ERRORS
 from alfred_bot.store.postgres.inbox import SAME_USER
@@ -133,6 +134,9 @@ class PostgresReads:
             since,
         )
         return {t: {"sent": int(n), "delivered": int(d), "read": int(r)} for t, n, d, r in rows}
+
+    async def activity(self, since: float, minutes: int) -> dict[str, list[dict[str, Any]]]:
+        return await per_minute.read(self._fetch, since, minutes)
 
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(

@@ -25,7 +25,11 @@ _EMPTY = "''::bytea"
 #: finished, not scrubbed yet). Pending messages and queued or sending sends are never touched.
 _SCRUBBABLE: dict[str, tuple[str, str, str]] = {
     "inbox": ("seq", "bigint", f"received_at < $1 AND state <> 'pending' AND raw <> {_EMPTY}"),
-    "outbox": ("id", "text", f"created_at < $1 AND state NOT IN ('queued', 'sending') AND payload <> {_EMPTY}"),
+    "outbox": (
+        "id",
+        "text",
+        f"created_at < $1 AND state NOT IN ('queued', 'sending', 'scheduled', 'paused') AND payload <> {_EMPTY}",
+    ),
     "statuses": ("key", "text", f"received_at < $1 AND raw <> {_EMPTY}"),
     # events can name people (user_preferences, unknown fields): past the hot period only the row stays
     "events": ("key", "text", f"received_at < $1 AND raw <> {_EMPTY}"),
@@ -54,7 +58,7 @@ _ORDER_ONLY = {"outbox", "events", "rejected"}  # their `seq` is PostgreSQL's st
 _DELETES = (
     "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE received_at < $1 AND state <> 'pending' LIMIT $2)",
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created_at < $1 "
-    "AND state NOT IN ('queued', 'sending') LIMIT $2)",
+    "AND state NOT IN ('queued', 'sending', 'scheduled', 'paused') LIMIT $2)",
     "DELETE FROM statuses WHERE key IN (SELECT key FROM statuses WHERE received_at < $1 LIMIT $2)",
     "DELETE FROM events WHERE key IN (SELECT key FROM events WHERE received_at < $1 LIMIT $2)",
     "DELETE FROM rejected WHERE key IN (SELECT key FROM rejected WHERE received_at < $1 LIMIT $2)",

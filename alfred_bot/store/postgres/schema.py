@@ -182,8 +182,70 @@ CREATE TABLE nodes (
 CREATE INDEX nodes_seen ON nodes(seen_at)
 """
 
+#: v2: conversation state, scheduled sends, campaigns, templates and the event bus feed.
+_V2 = """
+ALTER TABLE outbox ADD COLUMN send_at double precision;
+ALTER TABLE outbox ADD COLUMN campaign_id text;
+CREATE INDEX outbox_scheduled ON outbox(due_at) WHERE state = 'scheduled';
+CREATE INDEX outbox_campaign ON outbox(campaign_id, state) WHERE campaign_id IS NOT NULL;
+-- v2: conversation state and scheduled sends
+CREATE TABLE dialogs (
+    tenant text NOT NULL,
+    user_id text NOT NULL,
+    step text,
+    data text NOT NULL CHECK (octet_length(data) <= 16384),
+    expires_at double precision,
+    updated_at double precision NOT NULL,
+    PRIMARY KEY (tenant, user_id)
+);
+CREATE INDEX dialogs_expiry ON dialogs(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX outbox_user_scheduled ON outbox(tenant, recipient, due_at) WHERE state = 'scheduled';
+-- v2: campaigns and templates
+CREATE TABLE campaigns (
+    id text PRIMARY KEY,
+    tenant text NOT NULL,
+    name text NOT NULL,
+    state text NOT NULL,
+    template text NOT NULL,
+    created_at double precision NOT NULL,
+    send_at double precision,
+    updated_at double precision NOT NULL
+);
+CREATE INDEX campaigns_tenant ON campaigns(tenant, created_at);
+CREATE TABLE campaign_skips (
+    campaign_id text NOT NULL,
+    recipient text NOT NULL,
+    reason text NOT NULL,
+    PRIMARY KEY (campaign_id, recipient)
+);
+CREATE TABLE templates (
+    tenant text NOT NULL,
+    name text NOT NULL,
+    language text NOT NULL,
+    id text,
+    status text NOT NULL,
+    category text,
+    parameter_format text,
+    components text NOT NULL,
+    synced_at double precision NOT NULL,
+    PRIMARY KEY (tenant, name, language)
+);
+CREATE TABLE template_syncs (
+    tenant text PRIMARY KEY,
+    synced_at double precision NOT NULL
+);
+-- v2: the event bus feed
+CREATE TABLE feed (
+    seq bigserial PRIMARY KEY,
+    stream text NOT NULL,
+    body text NOT NULL,
+    created_at double precision NOT NULL
+);
+SELECT 1
+"""
+
 #: Step N brings a database from version N-1 to N; a new version appends one step, never edits one.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version int NOT NULL)"

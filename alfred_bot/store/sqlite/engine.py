@@ -28,9 +28,13 @@ from alfred_bot.store.base import (
     Settlement,
     StoreError,
 )
+from alfred_bot.store.sqlite import dialogs, inbox, outbox, retention
 from alfred_bot.store.sqlite import events as event_log
-from alfred_bot.store.sqlite import inbox, outbox, retention
+from alfred_bot.store.sqlite import feed as feed_log
+from alfred_bot.store.sqlite.campaigns import SqliteCampaigns, SqliteTemplates
 from alfred_bot.store.sqlite.cluster import TAKE, LoneNode
+from alfred_bot.store.sqlite.dialogs import SqliteDialogs
+from alfred_bot.store.sqlite.feed import SqliteFeed
 from alfred_bot.store.sqlite.reads import SqliteReads
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION, migrate
 from alfred_bot.store.sqlite.writer import GroupWriter
@@ -70,8 +74,10 @@ def _lock_database(path: Path) -> IO[bytes]:
     return lock
 
 
-def _ingest_op(body: ParsedBody, now: float) -> Any:
+def _ingest_op(body: ParsedBody, now: float, feed: bool = False) -> Any:
     def op(conn: sqlite3.Connection) -> list[InboundItem | StatusItem]:
+        if feed:  # the event bus: entries for what is new in this body, in this transaction
+            feed_log.ingest(conn, body, now)
         fresh: list[InboundItem | StatusItem] = []
         for item in body.messages:
             inserted = conn.execute(inbox.INSERT, inbox.row(item, now)).rowcount == 1
@@ -79,7 +85,7 @@ def _ingest_op(body: ParsedBody, now: float) -> Any:
                 fresh.append(item)
         for update in body.statuses:
             if conn.execute(_INSERT_STATUS, _status_row(update, now)).rowcount == 1 and update.tenant is not None:
-                outbox.apply_status(conn, update.tenant, update.status)
+                outbox.apply_status(conn, update.tenant, update.status, feed=feed)
                 fresh.append(update)
         event_log.insert(conn, body.events, now)
         if body.rejected:
@@ -115,11 +121,12 @@ _SAME_USER = (
 )
 
 
-def _complete_op(done: Completion, now: float) -> Any:
+def _complete_op(done: Completion, now: float, feed: bool = False) -> Any:
     def op(conn: sqlite3.Connection) -> bool:
         if not inbox.complete(conn, done.event_id, done.phone_number_id, (done.state, done.error, now)):
             return False
-        outbox.insert_rows(conn, done.replies, now)
+        outbox.insert_rows(conn, done.replies, now, feed=feed)
+        dialogs.write(conn, done, now)  # the state goes with the replies, or neither does
         if done.consent == "out":
             conn.execute("INSERT OR REPLACE INTO optouts VALUES (?, ?, ?)", (done.tenant, done.user, now))
         elif done.consent == "in":
@@ -163,6 +170,9 @@ class SqliteStore(SqliteReads, LoneNode):
         self._writer = GroupWriter(lambda: connect_writer(path))
         self._reader: aiosqlite.Connection | None = None
         self._lock: IO[bytes] | None = None
+        self.dialogs = SqliteDialogs(self)
+        self.campaigns, self.templates = SqliteCampaigns(self), SqliteTemplates(self)
+        self.feed = SqliteFeed(self)
 
     @property
     def writer(self) -> GroupWriter:
@@ -208,11 +218,11 @@ class SqliteStore(SqliteReads, LoneNode):
     async def ingest(self, body: ParsedBody) -> list[InboundItem | StatusItem]:
         if not len(body):
             return []
-        result: list[InboundItem | StatusItem] = await self._write(_ingest_op(body, self._clock()))
+        result: list[InboundItem | StatusItem] = await self._write(_ingest_op(body, self._clock(), self.feed.on))
         return result
 
     async def complete(self, done: Completion) -> bool:
-        result: bool = await self._write(_complete_op(done, self._clock()))
+        result: bool = await self._write(_complete_op(done, self._clock(), self.feed.on))
         if self.taken:  # whether or not it was still pending, it is no longer held
             self.taken.difference_update(await self._seqs(done.event_id, done.phone_number_id))
         return result
@@ -246,7 +256,7 @@ class SqliteStore(SqliteReads, LoneNode):
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         now = self._clock()
-        result: list[str] = await self._write(lambda conn: outbox.enqueue(conn, rows, now))
+        result: list[str] = await self._write(lambda conn: outbox.enqueue(conn, rows, now, feed=self.feed.on))
         return result
 
     async def claim(
@@ -267,7 +277,7 @@ class SqliteStore(SqliteReads, LoneNode):
         return result
 
     async def settle(self, result: Settlement, now: float) -> None:
-        await self._write(lambda conn: outbox.settle(conn, result, now))
+        await self._write(lambda conn: outbox.settle(conn, result, now, feed=self.feed.on))
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
         """On the reader connection: the writer thread is the bottleneck, and WAL lets this run beside it."""

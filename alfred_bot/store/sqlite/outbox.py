@@ -17,6 +17,7 @@ import msgspec
 
 from alfred_bot.models import Status
 from alfred_bot.store.base import OutboxJob, OutboxRow, Settlement
+from alfred_bot.store.sqlite import feed as feed_log
 
 #: Delivery progress: a status only ever moves a row forward (webhooks arrive out of order).
 RANK = {"queued": 0, "sending": 0, "sent": 1, "delivered": 2, "read": 3, "played": 4}
@@ -24,8 +25,8 @@ _STAMP = {"delivered": "delivered_at", "read": "read_at", "played": "read_at"}
 
 _INSERT = """
 INSERT INTO outbox (id, idem_key, tenant, recipient, type, payload, due_at, created_at, source_event_id, priority,
-                    trace_id, origin_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, idem_key) DO NOTHING
+                    trace_id, origin_at, send_at, campaign_id, state)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, idem_key) DO NOTHING
 """
 PENDING = "state IN ('queued', 'sending')"
 #: A settle applies only to the claim it answers: same row, still leased, same attempt.
@@ -33,7 +34,9 @@ _LEASED = "state = 'sending' AND attempts = ?"
 _ERRORS = "error_code = ?, error_message = ?, error_details = ?, error_fbtrace_id = ?, error_http_status = ?"
 
 
-def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[OutboxRow], now: float) -> None:
+def insert_rows(
+    conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[OutboxRow], now: float, *, feed: bool = False
+) -> None:
     values = [
         (
             r.id,
@@ -42,21 +45,31 @@ def insert_rows(conn: sqlite3.Connection, rows: tuple[OutboxRow, ...] | list[Out
             r.recipient,
             r.type,
             r.payload,
-            now,
+            max(now, r.send_at or now),
             now,
             r.source_event_id,
             r.priority,
             r.trace_id,
             r.origin_at,
+            r.send_at,
+            r.campaign_id,
+            scheduled(r, now),
         )
         for r in rows
     ]
     conn.executemany(_INSERT, values)
+    if feed:  # the event bus: one "queued" entry per row inserted, in this transaction
+        feed_log.queued(conn, rows, now)
 
 
-def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list[str]:
+def scheduled(row: OutboxRow, now: float) -> str:
+    """A row to send later waits as `scheduled`, outside the queue (see `OutboxRow.send_at`)."""
+    return "scheduled" if row.send_at is not None and row.send_at > now else "queued"
+
+
+def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float, *, feed: bool = False) -> list[str]:
     """Insert rows; for an idem_key the tenant used before, return the first row's id instead."""
-    insert_rows(conn, rows, now)
+    insert_rows(conn, rows, now, feed=feed)
     ids = []
     for row in rows:
         found = conn.execute(
@@ -66,7 +79,11 @@ def enqueue(conn: sqlite3.Connection, rows: list[OutboxRow], now: float) -> list
     return ids
 
 
-_RETURNING = "RETURNING rowid, id, tenant, recipient, type, payload, attempts, created_at, trace_id, origin_at"
+#: A scheduled send's age (`outbound.max_age_seconds`) counts from its `send_at`, not from when it was queued.
+_RETURNING = (
+    "RETURNING rowid, id, tenant, recipient, type, payload, attempts, MAX(created_at, COALESCE(send_at, 0)), "
+    "trace_id, origin_at"
+)
 _LEASE = "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at = ? WHERE id IN ("
 #: Read receipts and typing indicators: best-effort, never in a user's line of ordered rows.
 RECEIPT = "type = 'read'"
@@ -112,7 +129,10 @@ def _claim_rows(
         f"{_LEASE}SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND +o.due_at <= ? "
         f"AND NOT o.{RECEIPT} {_held_sql(held)} "
         f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
-        f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.rowid < o.rowid) "
+        # issue 17 (campaigns): an older row of the user holds this one back only if it is no less
+        # urgent (a reply never waits for the user's campaign send); any row in flight holds back all
+        f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.rowid <> o.rowid "
+        "AND ((e.rowid < o.rowid AND e.priority <= o.priority) OR e.state = 'sending')) "
         f"ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) {_RETURNING}",
         (now + lease, tenant, now, *sorted(held), quota),
     ).fetchall()
@@ -166,7 +186,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT trace_id FROM outbox WHERE id = ?)
 """
 
 
-def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
+def settle(conn: sqlite3.Connection, r: Settlement, now: float, *, feed: bool = False) -> None:
     """Record one send's end (and its audit entry); ignored unless the row is still leased (`sending`)."""
     if r.audit is not None:
         a = r.audit
@@ -176,13 +196,7 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
              a.outcome, r.id),
         )
     if r.state == "sent":
-        sent = conn.execute(
-            f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED} "
-            "RETURNING tenant",
-            (r.wamid, now, None, None, None, None, None, r.id, r.attempts),
-        ).fetchone()
-        if sent is not None and r.wamid:
-            _replay_statuses(conn, sent[0], r.wamid)
+        _settle_sent(conn, r, now, feed)
     elif r.state == "queued":
         due = r.due_at if r.due_at is not None else now
         cur = conn.execute(
@@ -196,10 +210,24 @@ def settle(conn: sqlite3.Connection, r: Settlement, now: float) -> None:
         conn.execute(f"UPDATE outbox SET state = 'dropped', {_ERRORS} WHERE id = ? AND {_LEASED}",
                      (*_error_values(r), r.id, r.attempts))
     else:
-        conn.execute(
+        failed = conn.execute(
             f"UPDATE outbox SET state = 'failed', needs_template = ?, {_ERRORS} WHERE id = ? AND {_LEASED}",
             (int(r.needs_template), *_error_values(r), r.id, r.attempts),
-        )
+        ).rowcount
+        if failed and feed:
+            feed_log.outcome(conn, r.id, "failed", now)
+
+
+def _settle_sent(conn: sqlite3.Connection, r: Settlement, now: float, feed: bool) -> None:
+    sent = conn.execute(
+        f"UPDATE outbox SET state = 'sent', wamid = ?, sent_at = ?, {_ERRORS} WHERE id = ? AND {_LEASED} "
+        "RETURNING tenant",
+        (r.wamid, now, None, None, None, None, None, r.id, r.attempts),
+    ).fetchone()
+    if sent is not None and feed:  # the event bus: "sent" before any status replayed below
+        feed_log.outcome(conn, r.id, "sent", now)
+    if sent is not None and r.wamid:
+        _replay_statuses(conn, sent[0], r.wamid, feed=feed)
 
 
 def _defer_followers(conn: sqlite3.Connection, rowid: int, tenant: str, recipient: str, due: float) -> None:
@@ -213,26 +241,27 @@ def _defer_followers(conn: sqlite3.Connection, rowid: int, tenant: str, recipien
     )
 
 
-def _replay_statuses(conn: sqlite3.Connection, tenant: str, wamid: str) -> None:
+def _replay_statuses(conn: sqlite3.Connection, tenant: str, wamid: str, *, feed: bool = False) -> None:
     """Statuses can arrive before we recorded the wamid: apply those this tenant's number got."""
     rows = conn.execute(
         "SELECT status, timestamp, error_code FROM statuses WHERE wamid = ? AND tenant = ?", (wamid, tenant)
     ).fetchall()
     for state, timestamp, code in rows:
-        _advance(conn, tenant, wamid, state, at=float(timestamp), error=(code, None, None))
+        _advance(conn, tenant, wamid, state, at=float(timestamp), error=(code, None, None), feed=feed)
 
 
-def apply_status(conn: sqlite3.Connection, tenant: str, status: Status) -> None:
+def apply_status(conn: sqlite3.Connection, tenant: str, status: Status, *, feed: bool = False) -> None:
     """Move the tenant's outbox row with this wamid forward; a `failed` status fails a row not yet
     delivered. Scoped by tenant: a body signed for one number can never touch another's sends."""
     error = status.errors[0] if status.errors else None
     details = error.error_data.details if error and error.error_data else None
     fields = (error.code, error.message or error.title, details) if error else (None, None, None)
-    _advance(conn, tenant, status.id, status.status, at=float(status.timestamp), error=fields)
+    _advance(conn, tenant, status.id, status.status, at=float(status.timestamp), error=fields, feed=feed)
 
 
 def _advance(
-    conn: sqlite3.Connection, tenant: str, wamid: str, state: str, *, at: float, error: tuple[Any, ...]
+    conn: sqlite3.Connection, tenant: str, wamid: str, state: str, *, at: float, error: tuple[Any, ...],
+    feed: bool = False,
 ) -> None:
     row = conn.execute("SELECT id, state, type FROM outbox WHERE wamid = ? AND tenant = ?", (wamid, tenant)).fetchone()
     if row is None:
@@ -242,12 +271,7 @@ def _advance(
         return  # `played` exists only for voice/audio messages: it never moves a text sideways
     if state == "failed":
         if RANK.get(current, 0) <= RANK["sent"]:
-            code, message, details = error
-            conn.execute(
-                "UPDATE outbox SET state = 'failed', error_code = ?, error_message = ?, error_details = ?, "
-                "needs_template = ? WHERE id = ?",
-                (code, message, details, int(code in (131047, 470)), outbox_id),
-            )
+            _fail(conn, outbox_id, error, at, feed)
         return
     if state not in RANK or RANK[state] <= RANK.get(current, 0):
         return
@@ -258,6 +282,20 @@ def _advance(
         sets += ", read_at = COALESCE(read_at, ?)"
         params += (at,)
     conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", (*params, outbox_id))
+    if feed:  # the event bus: delivered / read / played
+        feed_log.outcome(conn, outbox_id, state, at)
+
+
+def _fail(conn: sqlite3.Connection, outbox_id: str, error: tuple[Any, ...], at: float, feed: bool) -> None:
+    """A `failed` status for a row not yet delivered."""
+    code, message, details = error
+    conn.execute(
+        "UPDATE outbox SET state = 'failed', error_code = ?, error_message = ?, error_details = ?, "
+        "needs_template = ? WHERE id = ?",
+        (code, message, details, int(code in (131047, 470)), outbox_id),
+    )
+    if feed:
+        feed_log.outcome(conn, outbox_id, "failed", at)
 
 
 def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 
 from alfred_bot.store.base import StoreError
+from alfred_bot.store.sqlite import activity as per_minute
 from alfred_bot.store.sqlite import events as event_log
 from alfred_bot.store.sqlite import inbox, outbox
 
@@ -56,7 +57,7 @@ class SqliteReads:
     async def message(self, outbox_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(
             'SELECT id, tenant, recipient AS "to", type, state, attempts, wamid, error_code, error_message, '
-            "error_details, error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at "
+            "error_details, error_fbtrace_id, needs_template, created_at, sent_at, delivered_at, read_at, send_at "
             "FROM outbox WHERE id = ?",
             (outbox_id,),
         )
@@ -85,6 +86,9 @@ class SqliteReads:
             (since,),
         )
         return {t: {"sent": int(n), "delivered": int(d), "read": int(r)} for t, n, d, r in rows}
+
+    async def activity(self, since: float, minutes: int) -> dict[str, list[dict[str, Any]]]:
+        return await per_minute.read(self._fetch, since, minutes)
 
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(

@@ -24,7 +24,7 @@ BATCH = 500
 #: not scrubbed yet). Pending messages and queued or sending messages are never touched.
 _SCRUBBABLE: dict[str, tuple[str, str]] = {
     "inbox": ("seq", "received_at < ? AND state != 'pending' AND raw != x''"),
-    "outbox": ("id", "created_at < ? AND state NOT IN ('queued', 'sending') AND payload != x''"),
+    "outbox": ("id", "created_at < ? AND state NOT IN ('queued', 'sending', 'scheduled', 'paused') AND payload != x''"),
     "statuses": ("key", "received_at < ? AND raw != x''"),
     # events can name people (user_preferences, unknown fields): past the hot period only the row stays
     "events": ("key", "received_at < ? AND raw != x''"),
@@ -48,7 +48,7 @@ _CLEARED = {
 _DELETES = (
     "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE received_at < ? AND state != 'pending' LIMIT ?)",
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created_at < ? "
-    "AND state NOT IN ('queued', 'sending') LIMIT ?)",
+    "AND state NOT IN ('queued', 'sending', 'scheduled', 'paused') LIMIT ?)",
     "DELETE FROM statuses WHERE key IN (SELECT key FROM statuses WHERE received_at < ? LIMIT ?)",
     "DELETE FROM events WHERE key IN (SELECT key FROM events WHERE received_at < ? LIMIT ?)",
     "DELETE FROM rejected WHERE key IN (SELECT key FROM rejected WHERE received_at < ? LIMIT ?)",

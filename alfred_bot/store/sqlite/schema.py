@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from alfred_bot.store.base import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 log = logging.getLogger("alfred.store")
 
@@ -74,6 +74,8 @@ CREATE TABLE IF NOT EXISTS {name} (
     read_at REAL,
     trace_id TEXT,
     origin_at REAL,
+    send_at REAL,
+    campaign_id TEXT,
     UNIQUE (tenant, idem_key)
 )"""
 
@@ -158,7 +160,62 @@ CREATE TABLE IF NOT EXISTS preferences (
     timestamp INTEGER NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (tenant, user, category)
-)
+);
+CREATE INDEX IF NOT EXISTS outbox_scheduled ON outbox(due_at) WHERE state = 'scheduled';
+CREATE INDEX IF NOT EXISTS outbox_campaign ON outbox(campaign_id, state) WHERE campaign_id IS NOT NULL;
+-- v4: conversation state and scheduled sends
+CREATE TABLE IF NOT EXISTS dialogs (
+    tenant TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    step TEXT,
+    data TEXT NOT NULL CHECK (length(CAST(data AS BLOB)) <= 16384),
+    expires_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, user_id)
+);
+CREATE INDEX IF NOT EXISTS dialogs_expiry ON dialogs(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_user_scheduled ON outbox(tenant, recipient, due_at) WHERE state = 'scheduled';
+-- v4: campaigns and templates
+CREATE TABLE IF NOT EXISTS campaigns (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    template TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    send_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns(tenant, created_at);
+CREATE TABLE IF NOT EXISTS campaign_skips (
+    campaign_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (campaign_id, recipient)
+);
+CREATE TABLE IF NOT EXISTS templates (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    language TEXT NOT NULL,
+    id TEXT,
+    status TEXT NOT NULL,
+    category TEXT,
+    parameter_format TEXT,
+    components TEXT NOT NULL,
+    synced_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name, language)
+);
+CREATE TABLE IF NOT EXISTS template_syncs (
+    tenant TEXT PRIMARY KEY,
+    synced_at REAL NOT NULL
+);
+-- v4: the event bus feed
+CREATE TABLE IF NOT EXISTS feed (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -181,7 +238,7 @@ def _rebuild(conn: sqlite3.Connection, table: str, ddl: str) -> None:
     """Swap `table` for a copy built from `ddl`: same rows, same rowids, same AUTOINCREMENT
     counter (so a seq or rowid is never handed out twice). Its indexes go with the old table;
     `_SCHEMA` creates them again right after."""
-    new = f"{table}_v{SCHEMA_VERSION}"
+    new = f"{table}_v3"  # the step that rebuilds (v3), whatever the current version
     conn.execute(f"DROP TABLE IF EXISTS {new}")
     conn.execute(ddl.format(name=new))
     kept = [c for c in _columns(conn, table) if c in set(_columns(conn, new))]
@@ -210,8 +267,24 @@ def _to_v3(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE events ADD COLUMN time INTEGER")
 
 
+def _add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Add the columns `table` lacks (a v3 rebuild in the same upgrade already has today's)."""
+    present = set(_columns(conn, table))
+    for name, kind in columns.items():
+        if name not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def _to_v4(conn: sqlite3.Connection) -> None:
+    """Columns added to existing tables in v4 (new tables come from `_SCHEMA`)."""
+    _add_columns(conn, "outbox", {"send_at": "REAL", "campaign_id": "TEXT"})
+    # v4 columns: conversation state and scheduled sends
+    # v4 columns: campaigns and templates
+    # v4 columns: the event bus feed
+
+
 #: Steps from version N-1 to N, for what `CREATE … IF NOT EXISTS` cannot do to an old table.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 
 def migrate(conn: sqlite3.Connection) -> None:
