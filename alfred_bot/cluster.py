@@ -14,11 +14,11 @@ for a few seconds, never faster.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from alfred_bot import tasks
 from alfred_bot.store import Cluster, StoreError
 
 log = logging.getLogger("alfred.cluster")
@@ -61,8 +61,5 @@ class ClusterView:
             await self.refresh()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await tasks.cancel(task)

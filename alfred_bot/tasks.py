@@ -23,3 +23,12 @@ async def stop_workers(tasks: list[asyncio.Task[None]], busy: Collection[asyncio
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def cancel(task: asyncio.Task[None] | None) -> None:
+    """Stop one background task and wait until it has (its `CancelledError` is the expected end)."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

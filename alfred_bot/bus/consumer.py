@@ -19,7 +19,6 @@ exactly when it is valid on the API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from alfred_bot import tasks
 from alfred_bot.config import RedisConfig
 from alfred_bot.outbound.redis import REDIS_ERRORS
 
@@ -191,11 +191,8 @@ class OutboxConsumer:
 
     async def stop(self) -> None:
         """Stop reading; an entry being handled is either acknowledged or stays pending (never lost)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await tasks.cancel(task)
 
 
 def _request(entry_id: bytes, fields: Fields) -> tuple[Any, tuple[str, str, int] | None]:

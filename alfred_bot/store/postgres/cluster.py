@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from alfred_bot import tasks
 from alfred_bot.store.base import NodeInfo, PendingMessage
 from alfred_bot.store.postgres.inbox import INBOX_CHANNEL, OUTBOX_CHANNEL
 
@@ -112,11 +113,8 @@ class Heartbeat:
                 log.warning("heartbeat failed: %s", exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await tasks.cancel(task)
 
 
 Wake = Callable[[], None]
@@ -199,8 +197,5 @@ class Listener:
             conn.terminate()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await tasks.cancel(task)
