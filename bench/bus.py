@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common
 from common import SERVER_CPU, alfred_version, free_port, get_json, loadavg, machine
+from e2e import worst_window
 from redis import Redis
 
 from alfred_bot.store import OutboxRow, new_outbox_id
@@ -46,15 +47,6 @@ from tests.redisserver import RedisServer
 PRIVACY_KEY = secrets.token_hex(32)
 LATENCY = 0.1
 TEMPLATE = {"type": "template", "template": {"name": "hello_world", "language": {"code": "en_US"}}}
-
-
-def _worst_window(times: list[float]) -> int:
-    worst, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= 1.0:
-            lo += 1
-        worst = max(worst, hi - lo + 1)
-    return worst
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -130,7 +122,7 @@ def pacing(pg: PgServer, redis: RedisServer, rate: float, seconds: float, *, sha
     steady = (len(middle) - 1) / (middle[-1] - middle[0]) if len(middle) > 1 else float("nan")
     name = f"{rate:g} msg/s, " + ("one limiter in Redis" if shared else "no Redis: equal shares")
     return {"scenario": name, "rate": rate, "sends": len(times), "expected": n,
-            "worst_window": _worst_window(times), "sustained": sustained, "steady": steady,
+            "worst_window": worst_window(times), "sustained": sustained, "steady": steady,
             "share": steady / rate}  # fmt: skip
 
 
