@@ -34,6 +34,21 @@ async def test_a_reply_never_waits_for_its_users_queued_campaign_send(engine_sto
     assert len(rest) == len(users) - 1
 
 
+
+async def test_one_claim_never_leases_a_reply_beside_the_users_campaign_send(
+    engine_store: Store, clock: FakeClock
+) -> None:
+    """An older campaign send and a newer reply to one user, both due: one claim with room for both
+    leases the reply only; the campaign send follows once the reply is settled."""
+    user = "15550009999"
+    await engine_store.enqueue([campaign_row("c1", user)])
+    await engine_store.enqueue([row("reply-2", to=user, priority=0)])
+    [job] = await claim_all(engine_store, clock.now)
+    assert job.id == "reply-2"
+    await send(engine_store, job, clock.now, "wamid.R2")
+    assert [j.id for j in await claim_all(engine_store, clock.now)] == [f"c1-{user}"]
+
+
 # ---------------------------------------------------------------------------- campaigns
 
 

@@ -100,9 +100,10 @@ _CLAIMABLE = f"o.tenant = $1 AND o.{PENDING} AND o.due_at <= $2 AND NOT o.id = A
 _FIRST_OF_USER = (
     f"NOT o.{RECEIPT} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
     f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.id <> o.id "
-    # issue 17 (campaigns): an older row holds this one back only if no less urgent (a reply never
-    # waits for the user's campaign send); a row in flight holds back every other row of its user
-    "AND ((e.seq < o.seq AND e.priority <= o.priority) OR (e.state = 'sending' AND e.due_at > $2)))"
+    # a user's rows go one at a time in (priority, seq) order: a reply never waits for the user's
+    # campaign send, and never leaves beside it; a row in flight holds back every other row
+    "AND ((e.priority < o.priority OR (e.priority = o.priority AND e.seq < o.seq)) "
+    "OR (e.state = 'sending' AND e.due_at > $2)))"
 )
 #: A scheduled send's age (`outbound.max_age_seconds`) counts from its `send_at`, not from when it was queued.
 _JOB = (

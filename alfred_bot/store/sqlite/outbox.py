@@ -129,10 +129,11 @@ def _claim_rows(
         f"{_LEASE}SELECT o.id FROM outbox o WHERE o.tenant = ? AND o.{PENDING} AND +o.due_at <= ? "
         f"AND NOT o.{RECEIPT} {_held_sql(held)} "
         f"AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.tenant = o.tenant AND e.recipient = o.recipient "
-        # issue 17 (campaigns): an older row of the user holds this one back only if it is no less
-        # urgent (a reply never waits for the user's campaign send); any row in flight holds back all
+        # a user's rows go one at a time in (priority, rowid) order: a reply never waits for the
+        # user's campaign send, and never leaves beside it; any row in flight holds back all
         f"AND e.{PENDING} AND NOT e.{RECEIPT} AND e.rowid <> o.rowid "
-        "AND ((e.rowid < o.rowid AND e.priority <= o.priority) OR e.state = 'sending')) "
+        "AND ((e.priority < o.priority OR (e.priority = o.priority AND e.rowid < o.rowid)) "
+        "OR e.state = 'sending')) "
         f"ORDER BY o.priority, o.due_at, o.rowid LIMIT ?) {_RETURNING}",
         (now + lease, tenant, now, *sorted(held), quota),
     ).fetchall()
