@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from alfred_bot.parse import InboundItem, ParsedBody, StatusItem
+from alfred_bot.security import url_where
 from alfred_bot.store.base import (
     ArchiveBatch,
     Completion,
@@ -45,9 +46,6 @@ T = TypeVar("T")
 Op = Callable[[asyncpg.Connection], Awaitable[T]]
 
 
-def where(url: str) -> str:
-    """host:port/database of a URL, for messages: user and password never leave it."""
-    return url.split("://", 1)[-1].rsplit("@", 1)[-1]
 
 
 def _settings(read_only: bool) -> dict[str, str]:
@@ -106,10 +104,10 @@ class PostgresStore(ForwardedQueries):
                 await self._beat()  # listed in `nodes` (and alive) from the first moment
         except DRIVER_ERRORS as exc:
             await self._drop_pool()
-            raise StoreError(f"cannot open PostgreSQL {where(self.url)}: {exc}") from exc
+            raise StoreError(f"cannot open PostgreSQL {url_where(self.url)}: {exc}") from exc
         except StoreError as exc:
             await self._drop_pool()
-            raise StoreError(f"PostgreSQL {where(self.url)}: {exc}") from exc
+            raise StoreError(f"PostgreSQL {url_where(self.url)}: {exc}") from exc
         self._reads = PostgresReads(self._pool, self._clock)
         if not self.read_only:
             self._heartbeat.start()
@@ -143,7 +141,7 @@ class PostgresStore(ForwardedQueries):
 
     async def _run(self, op: Op[T], *, write: bool) -> T:
         if write and self.read_only:
-            raise StoreError(f"PostgreSQL {where(self.url)} is open read-only")
+            raise StoreError(f"PostgreSQL {url_where(self.url)} is open read-only")
         if self._pool is None:
             raise StoreError("the store is not open")
         try:
@@ -188,9 +186,10 @@ class PostgresStore(ForwardedQueries):
         return inbox.decoded(await self._read(lambda c: c.fetch(inbox.PENDING, after_seq, limit)))
 
     async def complete(self, done: Completion) -> bool:
-        self._holdings.drop(done.event_id, done.phone_number_id)
-        now, done = self._clock(), safe_struct(done)
-        return await self._write(lambda c: inbox.complete(c, done, now, feed=self.feed.on))
+        now, kept = self._clock(), safe_struct(done)
+        finished = await self._write(lambda c: inbox.complete(c, kept, now, feed=self.feed.on))
+        self._holdings.drop(done.event_id, done.phone_number_id)  # held (renewed) until written
+        return finished
 
     async def release(self, event_id: str, phone_number_id: str) -> None:
         self._holdings.drop(event_id, phone_number_id)
