@@ -115,11 +115,15 @@ class OutboxConsumer:
                 await self.ensure_group()  # again after an outage: a restarted Redis may have lost it
                 await self._consume()
             except REDIS_ERRORS as exc:
-                if self.down_since is None:
-                    self.down_since = time.time()
+                if self.down_since is None:  # a new outage: its backoff starts small again
+                    self.down_since, pause = time.time(), RETRY
                     log.error("event bus: cannot read %s (%s); requests wait in Redis", self._stream, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, BACKOFF_CAP)
+            except Exception:  # a bug must not end the consumer silently: entries stay pending
+                self.down_since = self.down_since or time.time()
+                log.exception("event bus consumer failed; retrying in %.0f s", BACKOFF_CAP)
+                await asyncio.sleep(BACKOFF_CAP)
 
     async def _consume(self) -> None:
         own = True  # first this consumer's own pending entries (a restart, a retry), then new ones

@@ -16,13 +16,17 @@ The first reason is kept (`HSETNX`), as `LocalPauses` does.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Iterator
 
 import msgspec
 
 from alfred_bot.outbound.pauses import Pause
 from alfred_bot.outbound.redis.link import REDIS_ERRORS, RedisLink
 from alfred_bot.outbound.redis.scripts import PAUSE_HOLD, PAUSE_LIFT
+
+log = logging.getLogger("alfred.pauses")
 
 #: Seconds between two attempts to follow the board after an error.
 RETRY_PAUSE = 0.05
@@ -84,7 +88,7 @@ class SharedPauses:
         raw = await self._link.client.hgetall(self._key)  # type: ignore[misc]
         if version != self._version:
             return  # changed here meanwhile: the change's own publish brings the next read
-        self._mirror = {k.decode(): msgspec.json.decode(v, type=Pause) for k, v in raw.items()}
+        self._mirror = dict(_readable(raw))
 
     # ------------------------------------------------------------------ following the other nodes
 
@@ -116,3 +120,13 @@ class SharedPauses:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _readable(raw: dict[bytes, bytes]) -> Iterator[tuple[str, Pause]]:
+    """The board's entries this node can read; one it cannot (a node of another version during a
+    rolling upgrade) is skipped with a warning instead of ending the follower task for good."""
+    for key, value in raw.items():
+        try:
+            yield key.decode(), msgspec.json.decode(value, type=Pause)
+        except (UnicodeDecodeError, msgspec.MsgspecError) as exc:
+            log.warning("skipped an unreadable pause entry %r: %s", key[:100], exc)
