@@ -246,3 +246,9 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> str:
         pos, (start, end) = end, (s, e)
     out += [text[pos:start], REDACTED, text[end:]]
     return "".join(out)
+
+
+def url_where(url: str) -> str:
+    """host:port/path of a database or Redis URL, for logs and errors: no user, no password, no
+    query (drivers also read `?password=` there)."""
+    return url.split("://", 1)[-1].split("?", 1)[0].rsplit("@", 1)[-1]

@@ -14,6 +14,7 @@ from alfred_bot.cluster import ClusterView
 from alfred_bot.config import ConfigError, database_url, load_config, load_secrets, parse_config
 from alfred_bot.outbound.ratelimit import SlidingWindowLimiter
 from alfred_bot.privacy import KEY_ENV, KEY_FILE, install_key
+from alfred_bot.security import url_where
 from alfred_bot.store import SqliteStore, StoreError, describe
 from tests.conftest import API_TOKEN, make_config
 
@@ -132,3 +133,12 @@ def test_the_storage_settings_of_a_config_file_are_kept(tmp_path: Path) -> None:
     storage = load_config(config).storage
     assert storage.path == str(tmp_path / "data/a.db")  # anchored to the file, as before
     assert (storage.url, storage.pool_size, storage.takeover_seconds) == ("postgresql://db.internal/alfred", 4, 9)
+
+
+def test_a_url_is_logged_without_any_password() -> None:
+    for url in (
+        "postgresql://alfred:s3cret@db.internal:5432/alfred",
+        "redis://db.internal:6379/0?password=s3cret",
+        "postgresql://db.internal/alfred?user=a&password=s3cret",
+    ):
+        assert "s3cret" not in url_where(url) and url_where(url).startswith("db.internal")

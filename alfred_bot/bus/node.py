@@ -31,6 +31,7 @@ from alfred_bot.cluster import SENDING_ROLES
 from alfred_bot.config import RedisConfig, redis_url
 from alfred_bot.outbound.redis import SharedPacing
 from alfred_bot.outbound.sender import Sender
+from alfred_bot.security import url_where
 from alfred_bot.store import Store, StoreError
 
 log = logging.getLogger("alfred.bus")
@@ -45,9 +46,6 @@ def bus_client(url: str) -> Redis:
     return client
 
 
-def where(url: str) -> str:
-    """host:port/db of a Redis URL, for logs: a password never leaves it."""
-    return url.split("://", 1)[-1].rsplit("@", 1)[-1]
 
 
 class Bus:
@@ -73,7 +71,7 @@ class Bus:
         return response.status, answer if isinstance(answer, dict) else {}
 
     async def start(self) -> None:
-        log.info("event bus on Redis %s (streams %s, %s)", where(self._url), self.cfg.ingest_stream,
+        log.info("event bus on Redis %s (streams %s, %s)", url_where(self._url), self.cfg.ingest_stream,
                  self.cfg.outbox_stream)  # fmt: skip
         pacing = self.sender.pacing
         if pacing is not None and self.role not in SENDING_ROLES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alfred_bot.config import Config, database_url
+from alfred_bot.security import url_where
 from alfred_bot.store.base import NodeInfo, Store
 from alfred_bot.store.sqlite.cluster import this_node
 from alfred_bot.store.sqlite.engine import SqliteStore
@@ -51,5 +52,4 @@ def describe(cfg: Config) -> str:
     url = database_url(cfg)
     if url is None:
         return f"SQLite {cfg.storage.path}"
-    rest = url.split("://", 1)[1]
-    return f"PostgreSQL {rest.rsplit('@', 1)[-1]}"  # host:port/db only: user and password stay out
+    return f"PostgreSQL {url_where(url)}"  # host:port/db only: user and password stay out
