@@ -18,7 +18,7 @@ from typing import IO, Any
 import msgspec
 from aiohttp import BodyPartReader, web
 
-from alfred_bot import campaigns, keys
+from alfred_bot import campaigns, keys, schedule
 from alfred_bot import message_templates as templates
 from alfred_bot.api import MALFORMED_MULTIPART, error, json_response
 from alfred_bot.campaigns import CampaignBody, Plan, Recipients
@@ -148,7 +148,7 @@ async def _plan(request: web.Request, body: CampaignBody) -> Plan:
         name=body.name.strip(),
         template=body.template,
         info=info,
-        send_at=campaigns.parse_when(body.send_at, time.time()),
+        send_at=schedule.parse_send_at(body.send_at, time.time()),
         body_names=names,
     )
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as dt
 import hashlib
 import io
 import logging
@@ -42,7 +41,6 @@ log = logging.getLogger("alfred.campaigns")
 Param = str | int | float
 #: A source of recipients (read twice: checked, then queued), closed when left early.
 Recipients = Generator["Recipient", None, None]
-MAX_AHEAD_SECONDS = 366 * 24 * 3600  # send_at at most a year ahead: a typo in the year is refused
 
 
 class TemplateSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,23 +103,6 @@ def campaign_id(tenant: str, key: str | None) -> str:
     if key is None:
         return f"cmp_{uuid.uuid4().hex[:26]}"
     return "cmp_" + hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:26]
-
-
-def parse_when(value: float | str | None, now: float) -> float | None:
-    """`send_at`: Unix seconds or ISO 8601 with an offset; a past time means now (None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidMessage("send_at", "must be Unix seconds or ISO 8601 with an offset") from None
-        if parsed.tzinfo is None:
-            raise InvalidMessage("send_at", "needs an offset (e.g. 2026-12-01T09:00:00+01:00 or Z)")
-        value = parsed.timestamp()
-    if value > now + MAX_AHEAD_SECONDS:
-        raise InvalidMessage("send_at", "must be less than a year ahead")
-    return float(value) if value > now else None
 
 
 # ---------------------------------------------------------------------------- recipients

@@ -19,7 +19,6 @@ or `hsm_id`), webhooks/reference/message_template_status_update.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable
@@ -28,7 +27,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from alfred_bot import keys
+from alfred_bot import keys, tasks
 from alfred_bot.config import Config
 from alfred_bot.graph import GraphUnavailable, Transport
 from alfred_bot.store import Store, StoreError
@@ -315,10 +314,7 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
     if sync.tenants() and app[keys.ROLE] != "worker":
         task = asyncio.create_task(sync.run(), name="alfred-template-sync")
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await tasks.cancel(task)
 
 
 # ---------------------------------------------------------------------------- creation (pass-through)

@@ -89,8 +89,10 @@ class Promoter:
         """One pass: promote what is due now; how many became queued."""
         now = self._clock()
         due = await self._store.dialogs.due(now, BATCH)
-        late = [send.id for send in due if needs_window(send) and not await self._in_window(send, now)]
-        ready = [send.id for send in due if send.id not in frozenset(late)]
+        last: dict[tuple[str, str], int | None] = {}  # one window read per user per pass, not per send
+        late = [send.id for send in due if needs_window(send) and not await self._in_window(send, now, last)]
+        gone = frozenset(late)
+        ready = [send.id for send in due if send.id not in gone]
         queued = await self._store.dialogs.promote(ready, late, LATE, now)
         if late:
             log.warning("%d scheduled send(s) failed: %s", len(late), LATE)
@@ -103,8 +105,11 @@ class Promoter:
             await self._store.dialogs.purge(now, now - self._idle)
         return queued
 
-    async def _in_window(self, send: DueSend, now: float) -> bool:
-        last = await self._store.last_inbound(send.tenant, send.recipient)
+    async def _in_window(self, send: DueSend, now: float, known: dict[tuple[str, str], int | None]) -> bool:
+        user = (send.tenant, send.recipient)
+        if user not in known:
+            known[user] = await self._store.last_inbound(*user)
+        last = known[user]
         return last is not None and now - last <= WINDOW_SECONDS
 
     async def _pause(self) -> float:

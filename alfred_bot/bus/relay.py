@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
+from alfred_bot import tasks
 from alfred_bot.config import RedisConfig
 from alfred_bot.outbound.redis import REDIS_ERRORS
 from alfred_bot.store import StoreError
@@ -109,11 +110,8 @@ class Relay:
     async def stop(self, grace: float = 2.0) -> None:
         """Stop; one last pass first (bounded by `grace`), so what was just committed goes out now
         rather than at the next start (it would not be lost either way)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await tasks.cancel(task)
         with contextlib.suppress(*ERRORS, TimeoutError):
             async with asyncio.timeout(grace):
                 while await self.pass_once() == self._batch:
