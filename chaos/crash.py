@@ -18,8 +18,8 @@ database, in this order, splitting `--seconds` 2:1:1 and `--kills` between them)
 - backpressure: the Graph API is down (refused / reset) while thousands of messages queue up
   (`--batch` messages per webhook); kills land on the backlog.
 
-Then the Graph API is healed, Alfred drains (rows of a killed process come back when their lease
-runs out, about 30 s), is stopped with SIGTERM, and the promises are checked:
+Then the Graph API is healed, Alfred drains (rows a killed process had leased are due again as
+soon as the next process opens the database), is stopped with SIGTERM, and the promises are checked:
 
 - every accepted message is stored and was answered (its reply reached the fake; its read receipt
   reached it too or, receipts being best-effort, was dropped as superseded, stale or failed);
@@ -864,7 +864,7 @@ async def drain(run: Run, within: float) -> None:
     run.graph.faulty, run.graph.latency = False, 0.0
     await run.graph.up()
     deadline = time.monotonic() + within
-    log("draining (rows of killed processes come back when their lease runs out)")
+    log("draining (rows of killed processes are due again as soon as the next one opens the database)")
     run.driver.phase = "drain"
     await run.driver.idle(within)
     if not await poll(lambda: backlog(run.db) == 0, max(0.0, deadline - time.monotonic()), 0.5):

@@ -15,6 +15,7 @@ from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import db_rows
+from tests.contract.helpers import row, send
 
 TENANTS = {payloads.PNID: "home"}
 
@@ -396,3 +397,34 @@ async def test_read_only_refuses_a_schema_it_cannot_read_and_takes_no_lock(tmp_p
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_sends_a_dead_process_had_in_flight_are_due_again_when_the_next_one_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kill -9 between the Graph API's answer and the settle leaves a row `sending` with a lease
+    in the future; the next process (holding the lock, so the claimer is gone) need not wait it out,
+    and the user's later rows are not held behind it."""
+    path = tmp_path / "alfred.db"
+    clock = [1000.0]
+    first = SqliteStore(path, clock=lambda: clock[0])
+    await first.open()
+    assert first.writer.groups == 0  # a clean start (nothing left leased) commits nothing
+    await first.enqueue([row("o1", to="1"), row("o2", to="1"), row("b1", to="2")])
+    jobs = await first.claim(clock[0], {"home": 5}, 60, frozenset())
+    assert sorted(j.id for j in jobs) == ["b1", "o1"]
+    await send(first, next(j for j in jobs if j.id == "b1"), clock[0], "wamid.B1")
+    await first.close()  # o1 stays `sending` with 60 s of lease left, as after a kill -9
+
+    clock[0] += 1
+    again = SqliteStore(path, clock=lambda: clock[0])
+    await again.open()
+    try:
+        assert "1 sends were in flight" in caplog.text
+        assert (await again.message("o1") or {})["state"] == "queued"
+        [job] = await again.claim(clock[0], {"home": 5}, 60, frozenset())
+        assert (job.id, job.attempts) == ("o1", 1)  # at once, not in 59 s; the crash cost no attempt
+        await send(again, job, clock[0], "wamid.O1")
+        assert [j.id for j in await again.claim(clock[0], {"home": 5}, 60, frozenset())] == ["o2"]
+    finally:
+        await again.close()

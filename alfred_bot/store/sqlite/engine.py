@@ -189,8 +189,17 @@ class SqliteStore(SqliteReads, LoneNode):
             self._lock = _lock_database(self.path)
             await self._writer.start()
             await self._open_reader(str(self.path))
+            await self._release_orphans()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    async def _release_orphans(self) -> None:
+        """Sends a dead process left leased are due again now (`outbox.release_orphans`); a clean
+        start (none left) writes nothing."""
+        if await self._writer.read(outbox.has_orphans):
+            now = self._clock()
+            orphans: int = await self._write(lambda conn: outbox.release_orphans(conn, now))
+            log.warning("%d sends were in flight when the last process stopped: due again now", orphans)
 
     async def _open_reader(self, target: str) -> None:
         self._reader = await aiosqlite.connect(target, uri=target.startswith("file:"))

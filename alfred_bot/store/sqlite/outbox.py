@@ -311,6 +311,27 @@ def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) ->
     return sum(conn.execute(f"{reset} AND id = ?", (now, outbox_id)).rowcount for outbox_id in ids)
 
 
+def has_orphans(conn: sqlite3.Connection) -> bool:
+    """Whether any row is leased (`release_orphans` has work: a read, so a clean start commits nothing)."""
+    return conn.execute("SELECT 1 FROM outbox WHERE state = 'sending' LIMIT 1").fetchone() is not None
+
+
+def release_orphans(conn: sqlite3.Connection, now: float) -> int:
+    """Queue again, due now, every row a previous process left leased; the number of rows.
+
+    Why at open: this process holds the database's lock, so a row still `sending` was claimed by
+    a process that is gone (a kill -9 between the Graph API's answer and its settle). Waiting for
+    its lease (longer than a Graph call may take) would also hold back the user's later rows, a
+    reminder among them, behind a send nobody is making. The attempt is refunded: a crash is not
+    the send's failure, and counting it would dead-letter a message after a few restarts (with
+    `unknown_max_attempts` = 3, after two kills and one unclear answer). Refunding reuses the dead
+    claim's token, which is safe only because its claimer cannot settle any more (the lock again:
+    on a shared database a silent node may be alive, so PostgreSQL counts the attempt instead).
+    """
+    sql = "UPDATE outbox SET state = 'queued', attempts = attempts - 1, due_at = MIN(due_at, ?) WHERE state = 'sending'"
+    return conn.execute(sql, (now,)).rowcount
+
+
 def payload_json(payload: bytes) -> Any:
     """A send's payload as JSON (None once retention scrubbed it, or if it is not JSON)."""
     try:
