@@ -157,6 +157,22 @@ async def test_an_idle_lane_sends_the_receipt_first() -> None:
     assert [j.id for j in got] == ["id1", "id2"]
 
 
+async def test_a_job_goes_to_a_waiting_worker_even_when_the_one_woken_for_it_stops() -> None:
+    """A job wakes one waiting worker (not all of them); if that one is stopped before it runs, the
+    wake-up passes to the next, so the job is never left with workers asleep beside it."""
+    queue = LaneQueue(maxsize=4, receipt_slots=2)
+    waiters = [asyncio.create_task(queue.get()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert queue.idle == 3
+    queue.put_nowait(_job("text", 1))
+    waiters[0].cancel()  # woken first, stopped before it could take the job
+    assert (await asyncio.wait_for(waiters[1], 1)).id == "id1"
+    assert waiters[0].cancelled() and not waiters[2].done() and queue.idle == 1
+    queue.put_nowait(_job("text", 2))
+    assert (await asyncio.wait_for(waiters[2], 1)).id == "id2"
+    assert queue.idle == 0
+
+
 def test_a_late_receipt_loses_its_typing_indicator() -> None:
     lane = Lane("home", payloads.PNID, 4, SlidingWindowLimiter(80), PairLimiter())
     row = _receipt("wamid.T")

@@ -61,7 +61,9 @@ class LaneQueue:
         self._receipts: deque[OutboxJob] = deque()
         self.receipts_busy = 0  # receipts a worker holds
         self.idle = 0  # workers waiting for a job
-        self._ready = asyncio.Event()
+        #: One future per waiting worker, first come first woken. Why not one Event: its set()
+        #: wakes every idle worker (hundreds at the top tier) to hand out one job.
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def qsize(self) -> int:
         return len(self._replies) + len(self._receipts)
@@ -84,7 +86,7 @@ class LaneQueue:
 
     def put_nowait(self, job: OutboxJob) -> None:
         (self._receipts if job.type in RECEIPT_TYPES else self._replies).append(job)
-        self._ready.set()
+        self._wake()
 
     def get_nowait(self) -> OutboxJob:
         """Any job, replies first (a stop puts them all back)."""
@@ -110,27 +112,42 @@ class LaneQueue:
     def put_back(self, receipt: OutboxJob) -> None:
         """A receipt yields to stuck replies: first in its line again, still held by this process."""
         self._receipts.appendleft(receipt)
-        self._ready.set()
+        self._wake()
 
     def holds(self, job: OutboxJob) -> bool:
         """True if `job` is back in this queue (put back, not finished)."""
         return job in self._receipts
 
+    def _wake(self) -> None:
+        """Wake one waiting worker (a job arrived, or a receipt slot came free)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def get(self) -> OutboxJob:
         while (job := self._next()) is None:
-            self._ready.clear()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             self.idle += 1
             try:
-                await self._ready.wait()
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, but stopping: the wake-up goes to the next worker
+                raise
             finally:
-                self.idle -= 1
+                self.idle -= 1  # a cancelled waiter stays in line, done: `_wake` skips it
+        if self._waiters and (self._replies or self._receipts):
+            self._wake()  # more left that this worker did not take: maybe another can
         return job
 
     def done(self, job: OutboxJob) -> None:
         """A worker finished `job`: a receipt frees its slot for the next one."""
         if job.type in RECEIPT_TYPES:
             self.receipts_busy -= 1
-            self._ready.set()
+            self._wake()
 
     def task_done(self) -> None:
         """`asyncio.Queue` compatibility (nothing joins a lane)."""
