@@ -12,10 +12,11 @@ import pytest
 
 from alfred_bot.parse import InboundItem, parse_body
 from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
+from alfred_bot.store.base import Dialog
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import db_rows
-from tests.contract.helpers import row, send
+from tests.contract.helpers import USER, body, handled, row, send, text
 
 TENANTS = {payloads.PNID: "home"}
 
@@ -428,3 +429,47 @@ async def test_sends_a_dead_process_had_in_flight_are_due_again_when_the_next_on
         assert [j.id for j in await again.claim(clock[0], {"home": 5}, 60, frozenset())] == ["o2"]
     finally:
         await again.close()
+
+
+async def test_dialog_state_is_read_from_memory_once_known_and_follows_every_change(tmp_path: Path) -> None:
+    """The state of a recently active user is kept in memory (this process is the file's only
+    writer): a row changed behind the store's back shows it, and every write of ours goes through."""
+    path = tmp_path / "alfred.db"
+    clock = [1000.0]
+    store = SqliteStore(path, clock=lambda: clock[0])
+    await store.open()
+
+    def behind_our_back(sql: str) -> None:
+        with sqlite3.connect(path) as conn:
+            conn.execute(sql)
+
+    async def handle(wamid: str, dialog: Dialog) -> None:
+        await store.ingest(body(text(wamid)))
+        assert await handled(store, wamid, dialog=dialog, tenant="home", user=USER)
+
+    try:
+        assert await store.dialogs.get("home", USER) is None  # read from the file, remembered
+        behind_our_back(f"INSERT INTO dialogs VALUES ('home', '{USER}', 'ghost', '{{}}', NULL, 0)")
+        assert await store.dialogs.get("home", USER) is None  # from memory: the file was not read
+        await handle("wamid.C1", Dialog("asking", b'{"n":1}', expires_at=1010.0))
+        assert await store.dialogs.get("home", USER) == Dialog("asking", b'{"n":1}', 1010.0)
+        clock[0] = 1010.0
+        assert await store.dialogs.get("home", USER) is None  # expired, though still in memory
+        assert await store.dialogs.purge(clock[0]) == 1  # the purge empties the cache too
+        behind_our_back(f"INSERT INTO dialogs VALUES ('home', '{USER}', 'from-file', '{{}}', NULL, 0)")
+        assert (await store.dialogs.get("home", USER) or Dialog()).step == "from-file"
+
+        large = Dialog("big", b'{"x":"' + b"y" * 2000 + b'"}')  # above CACHE_BYTES: always from the file
+        await handle("wamid.C2", large)
+        assert await store.dialogs.get("home", USER) == large
+        behind_our_back("DELETE FROM dialogs")
+        assert await store.dialogs.get("home", USER) is None
+
+        await handle("wamid.C3", Dialog("cached"))
+        await store.ingest(body(text("wamid.C4")))
+        with pytest.raises(UnicodeDecodeError):  # a write that fails in its transaction: the cache forgets the user
+            await handled(store, "wamid.C4", dialog=Dialog("bad", b"\xff"), tenant="home", user=USER)
+        behind_our_back("DELETE FROM dialogs")
+        assert await store.dialogs.get("home", USER) is None
+    finally:
+        await store.close()

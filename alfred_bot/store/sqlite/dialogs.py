@@ -9,6 +9,7 @@ row's state at that moment, so a cancel and a promotion of the same row never bo
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -39,6 +40,12 @@ _DUE = (
     "SELECT id, tenant, recipient, type, payload, COALESCE(send_at, due_at) FROM outbox "
     "WHERE state = 'scheduled' AND due_at <= ? ORDER BY due_at LIMIT ?"
 )
+#: Users whose dialog state is kept in memory, most recently used last (see `SqliteDialogs`).
+CACHE_USERS = 4096
+#: A state larger than this (bytes of JSON) is read from the database each time: the cache stays
+#: within a few MB of a small VM's memory.
+CACHE_BYTES = 1024
+
 _LATE = (
     "UPDATE outbox SET state = 'failed', error_message = ?, needs_template = 1 WHERE id = ? AND state = 'scheduled'"
 )
@@ -82,18 +89,60 @@ def _cancel(outbox_id: str) -> Any:
 
 
 class SqliteDialogs:
-    """`Dialogs` over the engine's writer (`_write`) and reader (`_fetch`)."""
+    """`Dialogs` over the engine's writer (`_write`) and reader (`_fetch`).
+
+    Why a cache: every message reads its user's state before routing, and a read on the reader
+    thread costs two thread hops, more than the rest of a simple handler. Only this process writes
+    the file (it holds the lock), and only a completion (`remember`, after its commit) or `purge`
+    changes a state, so a write-through cache of the recently active users is exact. Expiry is
+    checked on every read, from the cached `expires_at`.
+    """
 
     def __init__(self, store: Engine) -> None:
         self._store = store
+        self._cache: OrderedDict[tuple[str, str], Dialog | None] = OrderedDict()
+        self._changes = 0  # bumped by every write through: a read racing one keeps its answer to itself
 
     async def get(self, tenant: str, user: str) -> Dialog | None:
-        rows = await self._store._fetch(
-            "SELECT step, data, expires_at FROM dialogs WHERE tenant = ? AND user_id = ? "
-            "AND (expires_at IS NULL OR expires_at > ?)",
-            (tenant, user, self._store._clock()),
-        )
-        return Dialog(rows[0][0], str(rows[0][1]).encode(), rows[0][2]) if rows else None
+        key = (tenant, user)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            found = self._cache[key]
+        else:
+            changes = self._changes
+            rows = await self._store._fetch(
+                "SELECT step, data, expires_at FROM dialogs WHERE tenant = ? AND user_id = ?", (tenant, user)
+            )
+            found = Dialog(rows[0][0], str(rows[0][1]).encode(), rows[0][2]) if rows else None
+            if changes == self._changes:
+                self._keep(key, found)
+            elif key in self._cache:
+                found = self._cache[key]  # written while we read: the write is newer
+        if found is None or (found.expires_at is not None and found.expires_at <= self._store._clock()):
+            return None
+        return found
+
+    def remember(self, done: Completion) -> None:
+        """A completion's state is committed: the cache follows (`write` did the database)."""
+        if done.dialog is None or done.tenant is None or done.user is None:
+            return
+        self._changes += 1
+        self._keep((done.tenant, done.user), None if done.dialog.empty else done.dialog)
+
+    def forget(self, done: Completion) -> None:
+        """A completion's commit failed, or may have: read its user's state from the file next time."""
+        if done.tenant is not None and done.user is not None:
+            self._changes += 1
+            self._cache.pop((done.tenant, done.user), None)
+
+    def _keep(self, key: tuple[str, str], dialog: Dialog | None) -> None:
+        if dialog is not None and len(dialog.data) > CACHE_BYTES:
+            self._cache.pop(key, None)
+            return
+        self._cache[key] = dialog
+        self._cache.move_to_end(key)
+        if len(self._cache) > CACHE_USERS:
+            self._cache.popitem(last=False)
 
     async def due(self, now: float, limit: int) -> list[DueSend]:
         rows = await self._store._fetch(_DUE, (now, limit))
@@ -128,4 +177,7 @@ class SqliteDialogs:
                 "DELETE FROM dialogs WHERE expires_at <= ? OR updated_at < ?", (now, idle_before or 0.0)
             ).rowcount
         )
+        if result:  # idle states left the file: the cache must not keep them (a read in flight neither)
+            self._changes += 1
+            self._cache.clear()
         return result

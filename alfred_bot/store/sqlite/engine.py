@@ -231,7 +231,13 @@ class SqliteStore(SqliteReads, LoneNode):
         return result
 
     async def complete(self, done: Completion) -> bool:
-        result: bool = await self._write(_complete_op(done, self._clock(), self.feed.on))
+        try:
+            result: bool = await self._write(_complete_op(done, self._clock(), self.feed.on))
+        except BaseException:
+            self.dialogs.forget(done)
+            raise
+        if result:
+            self.dialogs.remember(done)
         if self.taken:  # whether or not it was still pending, it is no longer held
             self.taken.difference_update(await self._seqs(done.event_id, done.phone_number_id))
         return result
