@@ -29,6 +29,7 @@ from alfred_bot.outbound.lanes import Lane, LaneQueue, receipt_slots, without_ty
 from alfred_bot.outbound.ratelimit import PairLimiter, SlidingWindowLimiter
 from alfred_bot.outbound.sender import Sender
 from alfred_bot.store import OutboxJob, OutboxRow, SqliteStore, new_outbox_id
+from alfred_bot.store.sqlite.engine import RECEIPT_SWEEP
 from tests import payloads
 from tests.conftest import ACCESS_TOKEN, PROD_ENV, db_rows, make_config, post_webhook, prod_config, wait_for
 from tests.fakes import Answer, FakeGraph, graph_error
@@ -123,6 +124,33 @@ async def test_stale_receipts_are_dropped_not_sent(tmp_path: Path) -> None:
         assert [(j.id, j.dropped) for j in jobs] == [(stale.id, "stale"), (fresh.id, None)]
         assert _states(tmp_path / "alfred.db")[stale.id] == "dropped"
         assert not db_rows(tmp_path / "alfred.db", "SELECT 1 FROM outbox WHERE state = 'failed'")  # no dead letter
+    finally:
+        await store.close()
+
+
+async def test_claims_that_take_no_receipt_sweep_stale_ones_only_a_few_times_a_second(tmp_path: Path) -> None:
+    """Under a backlog with no spare budget the pump claims many times a second and takes no
+    receipt: those claims drop superseded and stale receipts every RECEIPT_SWEEP s, not each time
+    (it was a third of the writer thread); a claim that takes receipts always drops first."""
+    clock = WallClock()
+    store = await _store(tmp_path, clock)
+
+    async def claim(receipt_room: int) -> list[str | None]:
+        jobs = await store.claim(
+            clock.now, {"home": 0}, 30.0, frozenset(), receipts={"home": receipt_room}, receipt_max_age=5
+        )
+        return [j.dropped for j in jobs]
+
+    try:
+        await store.enqueue([_receipt("wamid.1")])
+        clock.now += 4.9
+        assert await claim(0) == []  # this claim sweeps: nothing stale yet
+        clock.now += 0.2  # wamid.1 is stale now (over 5 s old)
+        assert await claim(0) == []  # swept 0.2 s ago: this claim takes no receipt, so it skips
+        clock.now += RECEIPT_SWEEP
+        assert await claim(0) == ["stale"]  # the next sweep
+        await store.enqueue([_receipt("wamid.2"), _receipt("wamid.3")])
+        assert await claim(5) == ["superseded", None]  # taking receipts: always dropped first
     finally:
         await store.close()
 

@@ -98,19 +98,24 @@ def claim(
     *,
     receipts: Mapping[str, int] | None = None,
     receipt_max_age: float | None = None,
+    sweep: bool = True,
 ) -> list[OutboxJob]:
     """Lease due rows per tenant: conversation before campaigns, oldest first, and only a user's
     oldest pending row (so a retried or deferred message is never overtaken by a later one).
 
     Read receipts stand apart (see `Outbox.claim`): superseded and stale ones are dropped here and
     returned as notices (`dropped` set); the rest are leased newest first, after the other rows,
-    from `receipts[tenant]` if given, else from what the tenant's quota left."""
+    from `receipts[tenant]` if given, else from what the tenant's quota left. The drops run before
+    every claim of receipts, and otherwise only when `sweep` is set (the engine sets it a few times
+    a second): under a backlog with no spare budget, claims come many times a second and none of
+    them takes a receipt."""
     jobs: list[OutboxJob] = []
     for tenant, quota in quotas.items():
-        jobs.extend(_drop_receipts(conn, tenant, now, receipt_max_age))
         claimed = _claim_rows(conn, tenant, now, quota, lease=lease, held=held) if quota > 0 else []
         jobs.extend(claimed)
         room = receipts.get(tenant, 0) if receipts is not None else quota - len(claimed)
+        if room > 0 or sweep:
+            jobs.extend(_drop_receipts(conn, tenant, now, receipt_max_age))
         if room > 0:
             jobs.extend(_claim_receipts(conn, tenant, now, room, lease=lease, held=held))
     return jobs
