@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +474,18 @@ async def test_dialog_state_is_read_from_memory_once_known_and_follows_every_cha
         assert await store.dialogs.get("home", USER) is None
     finally:
         await store.close()
+
+
+async def test_a_send_that_brings_the_process_down_gets_two_free_restarts_then_counts(tmp_path: Path) -> None:
+    """A crash is not the send's failure, but a send that itself kills the process (memory, a native
+    crash) must reach its attempt limit instead of being repeated at every restart."""
+    path, attempts = tmp_path / "alfred.db", []
+    for _ in range(4):
+        store = SqliteStore(path)
+        await store.open()
+        if not attempts:
+            await store.enqueue([row("o1")])
+        [job] = await store.claim(time.time(), {"home": 5}, 60, frozenset())
+        attempts.append(job.attempts)
+        await store.close()  # still `sending`: the process died with it
+    assert attempts == [1, 1, 1, 2]

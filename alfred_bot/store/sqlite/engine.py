@@ -203,7 +203,11 @@ class SqliteStore(SqliteReads, LoneNode):
         start (none left) writes nothing."""
         if await self._writer.read(outbox.has_orphans):
             now = self._clock()
-            orphans: int = await self._write(lambda conn: outbox.release_orphans(conn, now))
+            try:
+                orphans: int = await self._write(lambda conn: outbox.release_orphans(conn, now))
+            except StoreError as exc:  # a full disk must not stop the start: their leases bring them back
+                log.error("could not re-queue the sends left in flight (their leases will): %s", exc)
+                return
             log.warning("%d sends were in flight when the last process stopped: due again now", orphans)
 
     async def _open_reader(self, target: str) -> None:

@@ -316,9 +316,15 @@ def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) ->
     return sum(conn.execute(f"{reset} AND id = ?", (now, outbox_id)).rowcount for outbox_id in ids)
 
 
+#: Restarts a leased row gets for free; from the next one its lost attempt counts (see `release_orphans`).
+FREE_RESTARTS = 2
+#: A row still leased: `state IN (...)` first, so that the partial indexes (and not a scan) serve it.
+_LEASED_NOW = f"{PENDING} AND state = 'sending'"
+
+
 def has_orphans(conn: sqlite3.Connection) -> bool:
     """Whether any row is leased (`release_orphans` has work: a read, so a clean start commits nothing)."""
-    return conn.execute("SELECT 1 FROM outbox WHERE state = 'sending' LIMIT 1").fetchone() is not None
+    return conn.execute(f"SELECT 1 FROM outbox WHERE {_LEASED_NOW} LIMIT 1").fetchone() is not None
 
 
 def release_orphans(conn: sqlite3.Connection, now: float) -> int:
@@ -329,11 +335,16 @@ def release_orphans(conn: sqlite3.Connection, now: float) -> int:
     its lease (longer than a Graph call may take) would also hold back the user's later rows, a
     reminder among them, behind a send nobody is making. The attempt is refunded: a crash is not
     the send's failure, and counting it would dead-letter a message after a few restarts (with
-    `unknown_max_attempts` = 3, after two kills and one unclear answer). Refunding reuses the dead
-    claim's token, which is safe only because its claimer cannot settle any more (the lock again:
-    on a shared database a silent node may be alive, so PostgreSQL counts the attempt instead).
+    `unknown_max_attempts` = 3, after two kills and one unclear answer). Only `FREE_RESTARTS`
+    times per row, though: a send that itself brings the process down (memory, a native crash)
+    must reach its attempt limit instead of being repeated at every restart. Refunding reuses the
+    dead claim's token, which is safe only because its claimer cannot settle any more (the lock
+    again: on a shared database a silent node may be alive, so PostgreSQL counts the attempt).
     """
-    sql = "UPDATE outbox SET state = 'queued', attempts = attempts - 1, due_at = MIN(due_at, ?) WHERE state = 'sending'"
+    sql = (
+        "UPDATE outbox SET state = 'queued', due_at = MIN(due_at, ?), orphaned = orphaned + 1, "
+        f"attempts = attempts - (orphaned < {FREE_RESTARTS}) WHERE {_LEASED_NOW}"
+    )
     return conn.execute(sql, (now,)).rowcount
 
 

@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS {name} (
     origin_at REAL,
     send_at REAL,
     campaign_id TEXT,
+    orphaned INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, idem_key)
 )"""
 
@@ -290,7 +291,9 @@ def _to_v4(conn: sqlite3.Connection) -> None:
 
 #: Steps from version N-1 to N, for what `CREATE … IF NOT EXISTS` cannot do to an old table.
 def _to_v5(conn: sqlite3.Connection) -> None:
-    """v5 only adds an index (`outbox_receipts`), which `_SCHEMA` creates."""
+    """v5: how often a row was found leased by a dead process (`outbox.release_orphans`); the
+    index `outbox_receipts` comes from `_SCHEMA`."""
+    _add_columns(conn, "outbox", {"orphaned": "INTEGER NOT NULL DEFAULT 0"})
 
 
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
