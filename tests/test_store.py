@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -473,6 +474,35 @@ async def test_dialog_state_is_read_from_memory_once_known_and_follows_every_cha
         behind_our_back("DELETE FROM dialogs")
         assert await store.dialogs.get("home", USER) is None
     finally:
+        await store.close()
+
+
+async def test_a_completion_cancelled_while_its_write_waits_never_leaves_its_old_state_cached(
+    tmp_path: Path,
+) -> None:
+    """A completion cancelled after its write was queued may still commit later: until one of the
+    user's completions is known to have committed, the state is read from the file."""
+    store = SqliteStore(tmp_path / "alfred.db")
+    await store.open()
+    gate = threading.Event()
+    try:
+        await store.ingest(body(text("wamid.D1")))
+        assert await handled(store, "wamid.D1", dialog=Dialog("a"), tenant="home", user=USER)
+        await store.ingest(body(text("wamid.D2")))
+        blocker = asyncio.create_task(store.writer.submit(lambda _: gate.wait(10)))  # holds the writer
+        await asyncio.sleep(0.05)
+        pending = asyncio.create_task(handled(store, "wamid.D2", dialog=Dialog("b"), tenant="home", user=USER))
+        await asyncio.sleep(0.05)  # its write is queued behind the blocker
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert (await store.dialogs.get("home", USER) or Dialog()).step == "a"  # the file, before the write
+        gate.set()
+        await blocker
+        await store.writer.submit(lambda _: None)  # the cancelled completion's write has committed
+        assert (await store.dialogs.get("home", USER) or Dialog()).step == "b"
+    finally:
+        gate.set()
         await store.close()
 
 

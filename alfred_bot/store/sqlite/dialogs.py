@@ -21,6 +21,7 @@ class Engine(Protocol):
     """What this module uses of `SqliteStore` (named structurally: no import cycle with the engine)."""
 
     _clock: Callable[[], float]
+    read_only: bool
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]: ...
 
@@ -102,6 +103,9 @@ class SqliteDialogs:
         self._store = store
         self._cache: OrderedDict[tuple[str, str], Dialog | None] = OrderedDict()
         self._changes = 0  # bumped by every write through: a read racing one keeps its answer to itself
+        #: Users whose last completion failed or was cancelled: its write may still commit later, so
+        #: their state is read from the file until a completion of theirs is known to have committed.
+        self._doubtful: set[tuple[str, str]] = set()
 
     async def get(self, tenant: str, user: str) -> Dialog | None:
         key = (tenant, user)
@@ -114,8 +118,8 @@ class SqliteDialogs:
                 "SELECT step, data, expires_at FROM dialogs WHERE tenant = ? AND user_id = ?", (tenant, user)
             )
             found = Dialog(rows[0][0], str(rows[0][1]).encode(), rows[0][2]) if rows else None
-            if changes == self._changes:
-                self._keep(key, found)
+            if changes == self._changes and key not in self._doubtful and not self._store.read_only:
+                self._keep(key, found)  # (a read-only store reads beside the server that writes)
             elif key in self._cache:
                 found = self._cache[key]  # written while we read: the write is newer
         if found is None or (found.expires_at is not None and found.expires_at <= self._store._clock()):
@@ -123,16 +127,23 @@ class SqliteDialogs:
         return found
 
     def remember(self, done: Completion) -> None:
-        """A completion's state is committed: the cache follows (`write` did the database)."""
-        if done.dialog is None or done.tenant is None or done.user is None:
+        """A completion committed: the cache follows its state (`write` did the file). The writer
+        commits in order, so a doubtful earlier write of this user has landed (or failed) by now."""
+        if done.tenant is None or done.user is None:
             return
-        self._changes += 1
-        self._keep((done.tenant, done.user), None if done.dialog.empty else done.dialog)
+        key = (done.tenant, done.user)
+        if key in self._doubtful or done.dialog is not None:
+            self._changes += 1  # (only then: a bump keeps every read in flight out of the cache)
+            self._doubtful.discard(key)
+        if done.dialog is not None:
+            self._keep(key, None if done.dialog.empty else done.dialog)
 
     def forget(self, done: Completion) -> None:
-        """A completion's commit failed, or may have: read its user's state from the file next time."""
+        """A completion failed or was cancelled: its write may commit later, or never; its user's
+        state is read from the file until one of their completions is known to have committed."""
         if done.tenant is not None and done.user is not None:
             self._changes += 1
+            self._doubtful.add((done.tenant, done.user))
             self._cache.pop((done.tenant, done.user), None)
 
     def _keep(self, key: tuple[str, str], dialog: Dialog | None) -> None:
