@@ -18,28 +18,28 @@ async def stop_workers(tasks: list[asyncio.Task[None]], busy: Collection[asyncio
 
     Whatever a cancelled task held stays in the store (pending, or leased) and is picked up again.
     """
-    for task in tasks:
-        if task not in busy:
-            task.cancel()
+    idle = {task for task in tasks if task not in busy}  # (`busy` changes as workers finish)
+    for task in idle:
+        task.cancel()
     if not tasks:
         return
     await asyncio.wait(tasks, timeout=grace)
     for task in tasks:
-        await cancel(task)
+        await cancel(task, again=task in idle)
 
 
-async def cancel(task: asyncio.Task[None] | None, patience: float = PATIENCE) -> None:
+async def cancel(task: asyncio.Task[None] | None, patience: float = PATIENCE, *, again: bool = False) -> None:
     """Stop one background task and wait until it has (its `CancelledError` is the expected end).
 
     Why again and again: a cancellation can be lost. On Python 3.11 `asyncio.wait_for` swallows
     one that arrives as its inner await completes, and a driver may catch it mid-read; the task
     then runs on, and a shutdown that waited for it would wait for ever (seen under load: a node
     that never exited after SIGTERM). So a task still running after `patience` seconds is named
-    in the log and cancelled again, until it ends.
+    in the log and cancelled again, until it ends. `again`: the caller cancelled it already.
     """
     if task is None:
         return
-    if not task.cancelling():
+    if not again:  # (`cancelling()` cannot tell: a timeout inside the task may have cancelled it)
         task.cancel()
     while not task.done():
         await asyncio.wait([task], timeout=patience)
