@@ -158,6 +158,18 @@ def _check_version(path: Path, version: int) -> None:
         raise StoreError(f"{path} has schema v{version}, this Alfred reads v{SCHEMA_VERSION}: start the server once")
 
 
+async def _release_orphans(writer: GroupWriter, now: float) -> None:
+    """At open: sends a dead process left leased are due again now (`outbox.release_orphans`); a
+    clean start (none left) writes nothing."""
+    if await writer.read(outbox.has_orphans):
+        try:
+            orphans: int = await writer.submit(lambda conn: outbox.release_orphans(conn, now))
+        except StoreError as exc:  # a full disk must not stop the start: their leases bring them back
+            log.error("could not re-queue the sends left in flight (their leases will): %s", exc)
+            return
+        log.warning("%d sends were in flight when the last process stopped: due again now", orphans)
+
+
 class SqliteStore(SqliteReads, LoneNode):
     """The default `Store`: one SQLite file, safe against kill -9 and power loss.
 
@@ -194,21 +206,9 @@ class SqliteStore(SqliteReads, LoneNode):
             self._lock = _lock_database(self.path)
             await self._writer.start()
             await self._open_reader(str(self.path))
-            await self._release_orphans()
+            await _release_orphans(self._writer, self._clock())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
-
-    async def _release_orphans(self) -> None:
-        """Sends a dead process left leased are due again now (`outbox.release_orphans`); a clean
-        start (none left) writes nothing."""
-        if await self._writer.read(outbox.has_orphans):
-            now = self._clock()
-            try:
-                orphans: int = await self._write(lambda conn: outbox.release_orphans(conn, now))
-            except StoreError as exc:  # a full disk must not stop the start: their leases bring them back
-                log.error("could not re-queue the sends left in flight (their leases will): %s", exc)
-                return
-            log.warning("%d sends were in flight when the last process stopped: due again now", orphans)
 
     async def _open_reader(self, target: str) -> None:
         self._reader = await aiosqlite.connect(target, uri=target.startswith("file:"))
