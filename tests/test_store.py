@@ -506,16 +506,28 @@ async def test_a_completion_cancelled_while_its_write_waits_never_leaves_its_old
         await store.close()
 
 
-async def test_a_send_that_brings_the_process_down_gets_two_free_restarts_then_counts(tmp_path: Path) -> None:
+async def test_a_send_that_brings_the_process_down_is_a_dead_letter_at_the_third_restart(tmp_path: Path) -> None:
     """A crash is not the send's failure, but a send that itself kills the process (memory, a native
-    crash) must reach its attempt limit instead of being repeated at every restart."""
+    crash) gets no answer that could count its attempts: the third restart that finds it in flight
+    makes it a dead letter instead of sending it again."""
     path, attempts = tmp_path / "alfred.db", []
-    for _ in range(4):
+    for _ in range(3):
         store = SqliteStore(path)
         await store.open()
         if not attempts:
-            await store.enqueue([row("o1")])
-        [job] = await store.claim(time.time(), {"home": 5}, 60, frozenset())
-        attempts.append(job.attempts)
-        await store.close()  # still `sending`: the process died with it
-    assert attempts == [1, 1, 1, 2]
+            await store.enqueue([row("o1"), row("o2", to="2")])
+        jobs = await store.claim(time.time(), {"home": 5}, 60, frozenset())
+        attempts.append(sorted((j.id, j.attempts) for j in jobs))
+        if len(attempts) == 1:
+            await send(store, next(j for j in jobs if j.id == "o2"), time.time(), "wamid.O2")  # o2 went out
+        await store.close()  # o1 still `sending`: the process died with it
+    assert attempts == [[("o1", 1), ("o2", 1)], [("o1", 1)], [("o1", 1)]]  # the two restarts cost nothing
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.claim(time.time(), {"home": 5}, 60, frozenset()) == []
+        shown = await store.message("o1") or {}
+        assert shown["state"] == "failed" and "stopped 3 times" in str(shown["error_message"])
+        assert (await store.message("o2") or {})["state"] == "sent"
+    finally:
+        await store.close()

@@ -158,12 +158,12 @@ def _check_version(path: Path, version: int) -> None:
         raise StoreError(f"{path} has schema v{version}, this Alfred reads v{SCHEMA_VERSION}: start the server once")
 
 
-async def _release_orphans(writer: GroupWriter, now: float) -> None:
+async def _release_orphans(writer: GroupWriter, now: float, feed: bool) -> None:
     """At open: sends a dead process left leased are due again now (`outbox.release_orphans`); a
     clean start (none left) writes nothing."""
     if await writer.read(outbox.has_orphans):
         try:
-            orphans: int = await writer.submit(lambda conn: outbox.release_orphans(conn, now))
+            orphans: int = await writer.submit(lambda conn: outbox.release_orphans(conn, now, feed=feed))
         except StoreError as exc:  # a full disk must not stop the start: their leases bring them back
             log.error("could not re-queue the sends left in flight (their leases will): %s", exc)
             return
@@ -206,7 +206,7 @@ class SqliteStore(SqliteReads, LoneNode):
             self._lock = _lock_database(self.path)
             await self._writer.start()
             await self._open_reader(str(self.path))
-            await _release_orphans(self._writer, self._clock())
+            await _release_orphans(self._writer, self._clock(), self.feed.on)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
 

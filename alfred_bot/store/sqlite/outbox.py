@@ -316,7 +316,7 @@ def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) ->
     return sum(conn.execute(f"{reset} AND id = ?", (now, outbox_id)).rowcount for outbox_id in ids)
 
 
-#: Restarts a leased row gets for free; from the next one its lost attempt counts (see `release_orphans`).
+#: Restarts that may find a send in flight and queue it again; the next one makes it a dead letter.
 FREE_RESTARTS = 2
 #: A row still leased: `state IN (...)` first, so that the partial indexes (and not a scan) serve it.
 _LEASED_NOW = f"{PENDING} AND state = 'sending'"
@@ -327,7 +327,7 @@ def has_orphans(conn: sqlite3.Connection) -> bool:
     return conn.execute(f"SELECT 1 FROM outbox WHERE {_LEASED_NOW} LIMIT 1").fetchone() is not None
 
 
-def release_orphans(conn: sqlite3.Connection, now: float) -> int:
+def release_orphans(conn: sqlite3.Connection, now: float, *, feed: bool = False) -> int:
     """Queue again, due now, every row a previous process left leased; the number of rows.
 
     Why at open: this process holds the database's lock, so a row still `sending` was claimed by
@@ -335,15 +335,21 @@ def release_orphans(conn: sqlite3.Connection, now: float) -> int:
     its lease (longer than a Graph call may take) would also hold back the user's later rows, a
     reminder among them, behind a send nobody is making. The attempt is refunded: a crash is not
     the send's failure, and counting it would dead-letter a message after a few restarts (with
-    `unknown_max_attempts` = 3, after two kills and one unclear answer). Only `FREE_RESTARTS`
-    times per row, though: a send that itself brings the process down (memory, a native crash)
-    must reach its attempt limit instead of being repeated at every restart. Refunding reuses the
-    dead claim's token, which is safe only because its claimer cannot settle any more (the lock
-    again: on a shared database a silent node may be alive, so PostgreSQL counts the attempt).
+    `unknown_max_attempts` = 3, after two kills and one unclear answer). Refunding reuses the dead
+    claim's token, which is safe only because its claimer cannot settle any more (the lock again:
+    on a shared database a silent node may be alive, so PostgreSQL counts the attempt instead).
+
+    But a send that itself brings the process down (memory, a native crash) would be sent again at
+    every restart, and no answer would ever count its attempts: found in flight by a third restart,
+    it becomes a dead letter (`failed`; the operator's `dead-letters retry` can queue it again).
     """
+    poisoned = conn.execute(f"SELECT id FROM outbox WHERE {_LEASED_NOW} AND orphaned >= ?", (FREE_RESTARTS,))
+    why = f"Alfred stopped {FREE_RESTARTS + 1} times while sending this: not tried again"
+    for (outbox_id,) in poisoned.fetchall():
+        _fail(conn, outbox_id, (None, why, None), now, feed)
     sql = (
         "UPDATE outbox SET state = 'queued', due_at = MIN(due_at, ?), orphaned = orphaned + 1, "
-        f"attempts = attempts - (orphaned < {FREE_RESTARTS}) WHERE {_LEASED_NOW}"
+        f"attempts = attempts - 1 WHERE {_LEASED_NOW}"
     )
     return conn.execute(sql, (now,)).rowcount
 
