@@ -183,12 +183,15 @@ class SqliteDialogs:
         return None if rows[0][0] is None else float(rows[0][0])
 
     async def purge(self, now: float, idle_before: float | None = None) -> int:
-        result: int = await self._store._write(
-            lambda conn: conn.execute(
-                "DELETE FROM dialogs WHERE expires_at <= ? OR updated_at < ?", (now, idle_before or 0.0)
-            ).rowcount
-        )
-        if result:  # idle states left the file: the cache must not keep them (a read in flight neither)
-            self._changes += 1
-            self._cache.clear()
+        result: int = -1  # unknown until the write answers: cancelled or failed, it may have committed
+        try:
+            result = await self._store._write(
+                lambda conn: conn.execute(
+                    "DELETE FROM dialogs WHERE expires_at <= ? OR updated_at < ?", (now, idle_before or 0.0)
+                ).rowcount
+            )
+        finally:
+            if result:  # idle states left the file: the cache must not keep them (a read in flight neither)
+                self._changes += 1
+                self._cache.clear()
         return result
