@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sqlite3
+import sys
+import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -198,3 +202,38 @@ def outbox_texts(db: Path, user: str = payloads.USER) -> list[str]:
 def inbox_state(db: Path, event_id: str) -> str:
     """The inbox state of one message."""
     return str(db_rows(db, "SELECT state FROM inbox WHERE event_id = ?", (event_id,))[0][0])
+
+
+# ---------------------------------------------------------------------------- leaving at the end
+
+_SESSION_STATUS: list[int] = []
+#: Threads the interpreter ends by itself at exit (idle executor workers are joined, not waited on).
+_BENIGN_THREADS = ("ThreadPoolExecutor-", "asyncio_")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Why: a thread a test left running (a database connection nobody closed) keeps the
+    interpreter from exiting after every result and the coverage report are printed, and CI then
+    times out on a run whose tests all passed. Name such threads, with their stacks, and leave at
+    once with the session's own status."""
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and not t.name.startswith(_BENIGN_THREADS)
+    ]
+    if not stuck or not _SESSION_STATUS:
+        return
+    frames = sys._current_frames()
+    print(f"\n{len(stuck)} thread(s) still running after the tests; leaving without waiting for them:", file=sys.stderr)
+    for thread in stuck:
+        frame = frames.get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "  (no stack)\n"
+        print(f"- {thread.name}\n{stack}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_SESSION_STATUS[-1])
