@@ -29,7 +29,7 @@ from alfred_bot.outbound.lanes import Lane, LaneQueue, receipt_slots, without_ty
 from alfred_bot.outbound.ratelimit import PairLimiter, SlidingWindowLimiter
 from alfred_bot.outbound.sender import Sender
 from alfred_bot.store import OutboxJob, OutboxRow, SqliteStore, new_outbox_id
-from alfred_bot.store.sqlite.engine import RECEIPT_SWEEP
+from alfred_bot.store.base import RECEIPT_SWEEP
 from tests import payloads
 from tests.conftest import ACCESS_TOKEN, PROD_ENV, db_rows, make_config, post_webhook, prod_config, wait_for
 from tests.fakes import Answer, FakeGraph, graph_error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alfred_bot.store import Settlement, Store
+from alfred_bot.store.base import RECEIPT_SWEEP
 from tests.contract.conftest import FakeClock
 from tests.contract.helpers import claim_all, row, send, state
 
@@ -190,3 +191,30 @@ async def test_dead_letters_are_listed_newest_first_by_tenant(engine_store: Stor
     assert [d["id"] for d in await engine_store.dead_letters(10, "home")] == ["d3", "d1"]
     [one] = await engine_store.dead_letters(1)
     assert (one["id"], one["to"], one["tenant"], one["error_code"], one["attempts"]) == ("d3", "d3", "home", 131026, 1)
+
+
+async def test_read_receipts_are_dropped_before_each_claim_of_them_and_swept_a_few_times_a_second(
+    engine_store: Store, clock: FakeClock
+) -> None:
+    """A receipt over `receipt_max_age` or superseded by a newer one of the same user is dropped
+    (a notice, never sent). A claim that takes receipts drops first; one that takes none sweeps at
+    most every RECEIPT_SWEEP s (under a backlog the pump claims many times a second)."""
+
+    async def claim(receipt_room: int) -> list[tuple[str, str | None]]:
+        jobs = await engine_store.claim(
+            clock.now, {"home": 0}, 30, frozenset(), receipts={"home": receipt_room}, receipt_max_age=5
+        )
+        return [(j.id, j.dropped) for j in jobs]
+
+    await engine_store.enqueue([row("r1", kind="read", to="1")])
+    clock.advance(4.9)
+    assert await claim(0) == []  # this claim sweeps: nothing stale yet
+    clock.advance(0.2)  # r1 is stale now
+    assert await claim(0) == []  # swept 0.2 s ago and takes no receipt: skips
+    clock.advance(RECEIPT_SWEEP)
+    assert await claim(0) == [("r1", "stale")]
+    await engine_store.enqueue([row("r2", kind="read", to="2")])
+    clock.advance(0.01)
+    await engine_store.enqueue([row("r3", kind="read", to="2")])
+    assert await claim(5) == [("r2", "superseded"), ("r3", None)]  # taking receipts: dropped first
+    assert await state(engine_store, "r2") == "dropped"

@@ -27,6 +27,7 @@ from alfred_bot.store.base import (
     OutboxJob,
     OutboxRow,
     PendingMessage,
+    ReceiptSweeps,
     Settlement,
     StoreError,
 )
@@ -84,7 +85,7 @@ class PostgresStore(ForwardedQueries):
         self.campaigns, self.templates = PostgresCampaigns(self), PostgresTemplates(self)
         self.feed = PostgresFeed(self)
         self._heartbeat = Heartbeat(self._beat, takeover_seconds / 3)
-        self._holdings = Holdings()
+        self._holdings, self._sweeps = Holdings(), ReceiptSweeps()
         self._listener = Listener(url, takeover_seconds / 3, self._reconnected)
 
     shared = True  # other nodes use the same database
@@ -225,11 +226,11 @@ class PostgresStore(ForwardedQueries):
         receipts: Mapping[str, int] | None = None,
         receipt_max_age: float | None = None,
     ) -> list[OutboxJob]:
-        dead_before = now - self.takeover_seconds
+        dead_before, sweep = now - self.takeover_seconds, self._sweeps.due(now)
         return await self._write(
             lambda c: outbox.claim(
                 c, now, quotas, lease, held, receipts=receipts, receipt_max_age=receipt_max_age,
-                node=self.node.id, dead_before=dead_before,
+                node=self.node.id, dead_before=dead_before, sweep=sweep,
             )
         )  # fmt: skip
 

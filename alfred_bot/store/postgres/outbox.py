@@ -180,17 +180,20 @@ async def claim(
     receipt_max_age: float | None,
     node: str,
     dead_before: float,
+    sweep: bool = True,
 ) -> list[OutboxJob]:
     """Lease due rows per tenant as `Outbox.claim` says; rows other nodes are claiming are skipped, and
-    rows leased by a node whose heartbeat is older than `dead_before` are taken over."""
+    rows leased by a node whose heartbeat is older than `dead_before` are taken over. Receipts are
+    dropped before every claim of receipts, otherwise only when `sweep` (`ReceiptSweeps`)."""
     spec = _Claim(now=now, held=sorted(held), node=node, until=now + lease)
     await conn.execute(_RELEASE, list(quotas), now, node, dead_before)
     jobs: list[OutboxJob] = []
     for tenant, quota in quotas.items():
-        jobs.extend(await _drop_receipts(conn, tenant, now, receipt_max_age))
         claimed = await _claim_rows(conn, spec, tenant, quota) if quota > 0 else []
         jobs.extend(claimed)
         room = receipts.get(tenant, 0) if receipts is not None else quota - len(claimed)
+        if room > 0 or sweep:
+            jobs.extend(await _drop_receipts(conn, tenant, now, receipt_max_age))
         if room > 0:
             rows = await conn.fetch(_TAKE_RECEIPTS, *spec.rules(tenant), room, *spec.lease)
             jobs.extend(_job(r) for r in sorted(rows, key=lambda r: -r["seq"]))

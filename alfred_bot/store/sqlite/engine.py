@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import math
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from alfred_bot.store.base import (
     OutboxJob,
     OutboxRow,
     PendingMessage,
+    ReceiptSweeps,
     Settlement,
     StoreError,
 )
@@ -42,8 +42,6 @@ from alfred_bot.store.sqlite.writer import GroupWriter
 
 log = logging.getLogger("alfred.store")
 
-#: Seconds between sweeps of superseded and stale read receipts by claims that take none.
-RECEIPT_SWEEP = 0.25
 
 _INSERT_STATUS = """
 INSERT INTO statuses (key, wamid, tenant, phone_number_id, status, timestamp, recipient_id,
@@ -189,7 +187,7 @@ class SqliteStore(SqliteReads, LoneNode):
         self.dialogs = SqliteDialogs(self)
         self.campaigns, self.templates = SqliteCampaigns(self), SqliteTemplates(self)
         self.feed = SqliteFeed(self)
-        self._swept = -math.inf  # when a claim last dropped superseded and stale receipts (`outbox.claim`)
+        self._sweeps = ReceiptSweeps()
 
     @property
     def writer(self) -> GroupWriter:
@@ -293,9 +291,7 @@ class SqliteStore(SqliteReads, LoneNode):
         receipts: Mapping[str, int] | None = None,
         receipt_max_age: float | None = None,
     ) -> list[OutboxJob]:
-        sweep = not now - RECEIPT_SWEEP < self._swept <= now  # (a clock set back sweeps too)
-        if sweep:
-            self._swept = now
+        sweep = self._sweeps.due(now)
         result: list[OutboxJob] = await self._write(
             lambda conn: outbox.claim(
                 conn, now, quotas, lease, held, receipts=receipts, receipt_max_age=receipt_max_age, sweep=sweep
