@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -281,7 +282,44 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     queues = data.get("queues", {})
     if queues:
         lines.append("  queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
+    lines += _node_lines(data) + _redis_lines(data.get("redis")) + _campaign_lines(data.get("campaigns") or [])
     return lines + _attention_lines(data.get("attention") or [])
+
+
+def _node_lines(data: dict[str, Any]) -> list[str]:
+    """Several nodes on one database: how many are alive, by role (one node says nothing)."""
+    nodes = [n for n in data.get("nodes") or [] if isinstance(n, dict)]
+    if len(nodes) < 2 and data.get("role", "all") == "all":
+        return []
+    alive = [n for n in nodes if n.get("alive")]
+    roles = Counter(str(n.get("role")) for n in alive)
+    by_role = ", ".join(f"{role} {count}" for role, count in sorted(roles.items()))
+    return [f"  nodes: {len(alive)} alive of {len(nodes)} ({by_role or 'none'}); this one: {data.get('role')}"]
+
+
+def _redis_lines(redis: Any) -> list[str]:
+    """The event bus and shared pacing, when Redis is configured."""
+    if not isinstance(redis, dict):
+        return []
+    pacing, relay = redis.get("pacing") or {}, redis.get("relay") or {}
+    return [
+        f"  redis: {redis.get('status')}, pacing {pacing.get('mode')}"
+        + (f" ({pacing['nodes_on_redis']} nodes on Redis)" if pacing.get("nodes_on_redis") is not None else "")
+        + f", bus relay backlog {relay.get('backlog')}"
+    ]
+
+
+def _campaign_lines(rows: list[Any]) -> list[str]:
+    """Campaigns under way: progress and delivery (names in the detailed view only)."""
+    lines = []
+    for row in (r for r in rows if isinstance(r, dict)):
+        ratios = [f"{label} {row[key]:.0%}" for label, key in (("delivered", "delivered_ratio"), ("read", "read_ratio"))
+                  if isinstance(row.get(key), (int, float))]  # fmt: skip
+        lines.append(
+            f"  campaign {row.get('name') or row.get('tenant')}: {row.get('state')}, "
+            f"{row.get('done', 0)}/{row.get('total', 0)} done" + "".join(f", {r}" for r in ratios)
+        )
+    return ["".join(c if c.isprintable() else "?" for c in line) for line in lines]  # names are the operator's
 
 
 def _attention_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from alfred_bot.commands import summary_lines
 from alfred_bot.store.sqlite.engine import connect_writer
 from tests import payloads
 from tests.conftest import db_rows
@@ -460,3 +461,30 @@ def test_simulate_status(server: Server, simulated: dict[str, tuple[int, str, st
     [row] = db_rows(server.db, "SELECT status, tenant, recipient_id FROM statuses WHERE wamid = 'wamid.X77'")
     assert tuple(row) == ("read", "home", payloads.USER)
     assert not db_rows(server.db, "SELECT 1 FROM inbox WHERE event_id = 'wamid.X77'")
+
+
+def test_status_text_shows_nodes_redis_and_campaigns_when_there_are_some() -> None:
+    """The terminal view of /status.json carries what the page shows beyond one plain node."""
+    base = {"version": "0.1.0", "mode": "production", "status": "ok", "uptime_seconds": 5, "tenants": []}
+    assert summary_lines({**base, "role": "all", "nodes": [{"role": "all", "alive": True}]})[1:] == []
+    data = {
+        **base,
+        "role": "web",
+        "nodes": [
+            {"role": "web", "alive": True},
+            {"role": "worker", "alive": True},
+            {"role": "worker", "alive": False},
+        ],
+        "redis": {"status": "degraded", "pacing": {"mode": "fallback", "nodes_on_redis": 1}, "relay": {"backlog": 12}},
+        "campaigns": [
+            {"name": "spring\x1b[31m sale", "state": "running", "done": 40, "total": 100, "delivered_ratio": 0.9,
+             "read_ratio": 0.25},
+            {"tenant": "biz", "state": "paused", "done": 0, "total": 7, "delivered_ratio": None},
+        ],
+    }  # fmt: skip
+    assert summary_lines(data)[1:] == [
+        "  nodes: 2 alive of 3 (web 1, worker 1); this one: web",
+        "  redis: degraded, pacing fallback (1 nodes on Redis), bus relay backlog 12",
+        "  campaign spring?[31m sale: running, 40/100 done, delivered 90%, read 25%",  # no escape reaches the tty
+        "  campaign biz: paused, 0/7 done",
+    ]
