@@ -103,6 +103,25 @@ async def test_a_campaign_loads_paused_then_runs_with_skips_and_duplicates_count
     assert sorted(j.recipient for j in jobs) == ["15550000000", "15550000001", "15550000004", "15550000009"]
 
 
+async def test_a_user_who_opts_out_mid_campaign_gets_nothing_more_of_it(engine_store: Store, clock: FakeClock) -> None:
+    """Opt-outs are checked when a campaign is loaded, and again whenever a user opts out later:
+    their campaign sends still waiting are skipped (counted so) in the same transaction; their own
+    conversation and other users' sends are untouched."""
+    store = engine_store
+    await store.campaigns.create(spec())
+    users = ["15550000001", "15550000002"]
+    await store.campaigns.add("c1", [campaign_row("c1", u) for u in users], marketing=True)
+    await store.campaigns.finish("c1")
+    await store.enqueue([row("chat-1", to=users[0])])
+    await _opt_out(store, users[0])
+    assert await state(store, f"c1-{users[0]}") == "skipped"
+    assert await state(store, f"c1-{users[1]}") == "queued"
+    assert await state(store, "chat-1") == "queued"  # what the user's own conversation queued still goes
+    shown = await store.campaigns.summary("c1")
+    assert shown is not None and (shown["counts"]["skipped"], shown["counts"]["queued"]) == (1, 1)
+    assert sorted(j.id for j in await claim_all(store, clock.now)) == ["c1-15550000002", "chat-1"]
+
+
 async def test_marketing_stops_only_skip_marketing_templates(engine_store: Store) -> None:
     await engine_store.ingest(_stop_marketing("15550000003"))
     await engine_store.campaigns.create(spec())

@@ -169,10 +169,19 @@ async def complete(conn: asyncpg.Connection, done: Completion, now: float, *, fe
             "ON CONFLICT (tenant, user_id) DO UPDATE SET at = excluded.at",
             safe(done.tenant), safe(done.user), now,
         )  # fmt: skip
+        await conn.execute(_SKIP_CAMPAIGN_SENDS, safe(done.tenant), safe(done.user))
     elif done.consent == "in":
         same = SAME_USER.format(col="o.user_id")
         await conn.execute(f"DELETE FROM optouts o WHERE o.tenant = $1 AND {same}", safe(done.tenant), safe(done.user))
     return True
+
+
+#: A user who opts out is sent nothing more of any campaign (see the SQLite engine's twin).
+_SKIP_CAMPAIGN_SENDS = (
+    "UPDATE outbox o SET state = 'skipped', error_message = 'the user opted out after this send was queued' "
+    "WHERE o.tenant = $1 AND o.campaign_id IS NOT NULL AND o.state IN ('queued', 'scheduled', 'paused') AND "
+    + SAME_USER.format(col="o.recipient")
+)
 
 
 def decoded(rows: Sequence[asyncpg.Record]) -> list[PendingMessage]:

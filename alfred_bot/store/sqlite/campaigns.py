@@ -49,7 +49,7 @@ def counts_of(states: Mapping[str, int], skipped: int) -> dict[str, int]:
         "delivered": states.get("delivered", 0),
         "read": states.get("read", 0) + states.get("played", 0),
         "failed": states.get("failed", 0) + states.get("dropped", 0),
-        "skipped": skipped,
+        "skipped": skipped + states.get("skipped", 0),  # (rows: the user opted out after they were queued)
         "cancelled": states.get("cancelled", 0),
     }
 

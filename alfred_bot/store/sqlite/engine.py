@@ -117,6 +117,14 @@ def _status_row(item: StatusItem, now: float) -> tuple[Any, ...]:
 
 #: `user` (?2) or any other id the same person wrote from to this tenant (?1): a phone number and
 #: the username id (BSUID) Meta sent beside it address one person, for opt-outs as for the window.
+#: A user who opts out is sent nothing more of any campaign: their sends still waiting (queued,
+#: scheduled or paused; one in flight finishes) are skipped, and counted so. ?1 tenant, ?2 user.
+_SKIP_CAMPAIGN_SENDS = (
+    "UPDATE outbox SET state = 'skipped', error_message = 'the user opted out after this send was queued' "
+    "WHERE tenant = ?1 AND campaign_id IS NOT NULL AND state IN ('queued', 'scheduled', 'paused') AND (recipient = ?2 "
+    "OR recipient IN (SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender IS NOT NULL) "
+    "OR recipient IN (SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND user_id IS NOT NULL))"
+)
 _SAME_USER = (
     "(user = ?2 OR user IN (SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender IS NOT NULL) "
     "OR user IN (SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND user_id IS NOT NULL))"
@@ -131,6 +139,7 @@ def _complete_op(done: Completion, now: float, feed: bool = False) -> Any:
         dialogs.write(conn, done, now)  # the state goes with the replies, or neither does
         if done.consent == "out":
             conn.execute("INSERT OR REPLACE INTO optouts VALUES (?, ?, ?)", (done.tenant, done.user, now))
+            conn.execute(_SKIP_CAMPAIGN_SENDS, (done.tenant, done.user))
         elif done.consent == "in":
             conn.execute(f"DELETE FROM optouts WHERE tenant = ?1 AND {_SAME_USER}", (done.tenant, done.user))
         return True
