@@ -179,8 +179,10 @@ async def complete(conn: asyncpg.Connection, done: Completion, now: float, *, fe
 #: A user who opts out is sent nothing more of any campaign (see the SQLite engine's twin).
 _SKIP_CAMPAIGN_SENDS = (
     "UPDATE outbox o SET state = 'skipped', error_message = 'the user opted out after this send was queued' "
-    "WHERE o.tenant = $1 AND o.campaign_id IS NOT NULL AND o.state IN ('queued', 'scheduled', 'paused') AND "
-    + SAME_USER.format(col="o.recipient")
+    "WHERE o.tenant = $1 AND o.campaign_id IS NOT NULL AND o.state IN ('queued', 'scheduled', 'paused', 'sending') "
+    "AND o.recipient IN (SELECT $2::text UNION SELECT i.sender FROM inbox i WHERE i.tenant = $1 AND i.user_id = $2 "
+    "AND i.sender IS NOT NULL UNION SELECT i.user_id FROM inbox i WHERE i.tenant = $1 AND i.sender = $2 "
+    "AND i.user_id IS NOT NULL)"
 )
 
 

@@ -117,17 +117,19 @@ def _status_row(item: StatusItem, now: float) -> tuple[Any, ...]:
 
 #: `user` (?2) or any other id the same person wrote from to this tenant (?1): a phone number and
 #: the username id (BSUID) Meta sent beside it address one person, for opt-outs as for the window.
-#: A user who opts out is sent nothing more of any campaign: their sends still waiting (queued,
-#: scheduled or paused; one in flight finishes) are skipped, and counted so. ?1 tenant, ?2 user.
-_SKIP_CAMPAIGN_SENDS = (
-    "UPDATE outbox SET state = 'skipped', error_message = 'the user opted out after this send was queued' "
-    "WHERE tenant = ?1 AND campaign_id IS NOT NULL AND state IN ('queued', 'scheduled', 'paused') AND (recipient = ?2 "
-    "OR recipient IN (SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender IS NOT NULL) "
-    "OR recipient IN (SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND user_id IS NOT NULL))"
-)
 _SAME_USER = (
     "(user = ?2 OR user IN (SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender IS NOT NULL) "
     "OR user IN (SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND user_id IS NOT NULL))"
+)
+#: A user who opts out is sent nothing more of any campaign: their campaign sends not yet done
+#: (waiting, or leased: a later retry or requeue must not send them either) become `skipped`, counted
+#: so; one already handed to a sender goes out. The ids as one IN list keep `outbox_recipient` in use
+#: (and `+user_id` keeps `inbox_sender` on the last one: `IS NOT NULL` would pick a range of `inbox_user`).
+_SKIP_CAMPAIGN_SENDS = (
+    "UPDATE outbox SET state = 'skipped', error_message = 'the user opted out after this send was queued' "
+    "WHERE tenant = ?1 AND campaign_id IS NOT NULL AND state IN ('queued', 'scheduled', 'paused', 'sending') "
+    "AND recipient IN (SELECT ?2 UNION SELECT sender FROM inbox WHERE tenant = ?1 AND user_id = ?2 AND sender "
+    "IS NOT NULL UNION SELECT user_id FROM inbox WHERE tenant = ?1 AND sender = ?2 AND +user_id IS NOT NULL)"
 )
 
 
