@@ -15,6 +15,7 @@ import pytest
 from alfred_bot.parse import InboundItem, parse_body
 from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
 from alfred_bot.store.base import Dialog
+from alfred_bot.store.sqlite.outbox import FREE_RESTARTS
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
 from tests import payloads
 from tests.conftest import db_rows
@@ -506,12 +507,12 @@ async def test_a_completion_cancelled_while_its_write_waits_never_leaves_its_old
         await store.close()
 
 
-async def test_a_send_that_brings_the_process_down_is_a_dead_letter_at_the_third_restart(tmp_path: Path) -> None:
-    """A crash is not the send's failure, but a send that itself kills the process (memory, a native
-    crash) gets no answer that could count its attempts: the third restart that finds it in flight
-    makes it a dead letter instead of sending it again."""
+async def test_a_send_that_brings_the_process_down_is_a_dead_letter_after_many_restarts(tmp_path: Path) -> None:
+    """A crash is not the send's failure (restarts cost it no attempt), but a send that itself
+    kills the process (memory, a native crash) gets no answer that could ever count its attempts:
+    the restart after FREE_RESTARTS that finds it in flight makes it a dead letter."""
     path, attempts = tmp_path / "alfred.db", []
-    for _ in range(3):
+    for _ in range(FREE_RESTARTS + 1):
         store = SqliteStore(path)
         await store.open()
         if not attempts:
@@ -521,13 +522,13 @@ async def test_a_send_that_brings_the_process_down_is_a_dead_letter_at_the_third
         if len(attempts) == 1:
             await send(store, next(j for j in jobs if j.id == "o2"), time.time(), "wamid.O2")  # o2 went out
         await store.close()  # o1 still `sending`: the process died with it
-    assert attempts == [[("o1", 1), ("o2", 1)], [("o1", 1)], [("o1", 1)]]  # the two restarts cost nothing
+    assert attempts == [[("o1", 1), ("o2", 1)]] + [[("o1", 1)]] * FREE_RESTARTS  # the restarts cost nothing
     store = SqliteStore(path)
     await store.open()
     try:
         assert await store.claim(time.time(), {"home": 5}, 60, frozenset()) == []
         shown = await store.message("o1") or {}
-        assert shown["state"] == "failed" and "stopped 3 times" in str(shown["error_message"])
+        assert shown["state"] == "failed" and f"stopped {FREE_RESTARTS + 1} times" in str(shown["error_message"])
         assert (await store.message("o2") or {})["state"] == "sent"
     finally:
         await store.close()

@@ -317,7 +317,10 @@ def retry_failed(conn: sqlite3.Connection, ids: list[str] | None, now: float) ->
 
 
 #: Restarts that may find a send in flight and queue it again; the next one makes it a dead letter.
-FREE_RESTARTS = 2
+#: Many: kills that land while the same send hangs on a Graph API outage are not its fault (the
+#: short crash run, 5 kills in 8 s, found sends in flight at 3 of them); a send that crashes the
+#: process itself reaches this within minutes.
+FREE_RESTARTS = 10
 #: A row still leased: `state IN (...)` first, so that the partial indexes (and not a scan) serve it.
 _LEASED_NOW = f"{PENDING} AND state = 'sending'"
 
@@ -340,8 +343,8 @@ def release_orphans(conn: sqlite3.Connection, now: float, *, feed: bool = False)
     on a shared database a silent node may be alive, so PostgreSQL counts the attempt instead).
 
     But a send that itself brings the process down (memory, a native crash) would be sent again at
-    every restart, and no answer would ever count its attempts: found in flight by a third restart,
-    it becomes a dead letter (`failed`; the operator's `dead-letters retry` can queue it again).
+    every restart, and no answer would ever count its attempts: found in flight by more than
+    `FREE_RESTARTS` restarts, it becomes a dead letter (`failed`; `dead-letters retry` queues it again).
     """
     poisoned = conn.execute(f"SELECT id FROM outbox WHERE {_LEASED_NOW} AND orphaned >= ?", (FREE_RESTARTS,))
     why = f"Alfred stopped {FREE_RESTARTS + 1} times while sending this: not tried again"
