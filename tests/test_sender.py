@@ -465,6 +465,22 @@ async def test_pacing_never_exceeds_the_rate_at_the_receiver(
     assert worst <= 10
 
 
+async def test_a_stalled_loop_does_not_bunch_paced_sends_above_the_rate(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    """Seen on a loaded CI machine: the loop stalled while senders slept until their booked starts,
+    woke them together, and the receiver saw 12 sends in one second at 10/s (14 here, before).
+    The oversleep now counts as decide-to-wire lag, which stretches the window over the stall."""
+    client, _ = await _app(aiohttp_client, tmp_path, graph, outbound={"rate_per_second": 10, "workers": 8})
+    users = [f"1555000{i:04d}" for i in range(30)]
+    assert await post_webhook(client, payloads.body_of(*[payloads.text("x", sender=u) for u in users])) == 200
+    await wait_for(lambda: len(graph.sends) >= 3, timeout=10)
+    time.sleep(0.45)  # the stall: no callback of this loop runs, several booked starts pass
+    await wait_for(lambda: len(graph.texts()) == 30, timeout=20)
+    times = sorted(r.at for r in graph.sends)
+    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 10  # was 14
+
+
 # ---------------------------------------------------------------- durability
 
 
