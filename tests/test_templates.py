@@ -252,16 +252,21 @@ async def test_create_is_validated_then_passed_through(aiohttp_client: Any, tmp_
     assert refused.status == 422 and "PENDING" in (await refused.json())["error"]
 
 
-async def test_metas_refusals_are_relayed(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
-    client = await started(aiohttp_client, config(tmp_path, graph), graph)
-    graph.template_script.append(graph_error(100, message="Invalid parameter", details="name already exists"))
-    good = {
+def _new_template(name: str, category: str) -> dict[str, Any]:
+    """A valid `POST /api/templates` body."""
+    return {
         "tenant": "home",
-        "name": "dup",
-        "category": "MARKETING",
+        "name": name,
+        "category": category,
         "language": "en",
         "components": [{"type": "BODY", "text": "Hi"}],
     }
+
+
+async def test_metas_refusals_are_relayed(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
+    client = await started(aiohttp_client, config(tmp_path, graph), graph)
+    graph.template_script.append(graph_error(100, message="Invalid parameter", details="name already exists"))
+    good = _new_template("dup", "MARKETING")
     resp = await client.post("/api/templates", json=good, headers=AUTH)
     answer = await resp.json()
     assert resp.status == 400 and answer["graph_error"]["code"] == 100 and "code 100" in answer["error"]
@@ -291,13 +296,7 @@ async def test_sandbox_mode_cannot_reach_graph(aiohttp_client: Any, tmp_path: Pa
     cfg = config(tmp_path, graph)
     env = {k: v for k, v in PROD_ENV.items() if k != "WHATSAPP_ACCESS_TOKEN"}
     client = await aiohttp_client(create_app(cfg, load_secrets(env)))
-    good = {
-        "tenant": "home",
-        "name": "x",
-        "category": "UTILITY",
-        "language": "en",
-        "components": [{"type": "BODY", "text": "Hi"}],
-    }
+    good = _new_template("x", "UTILITY")
     resp = await client.post("/api/templates", json=good, headers=AUTH)
     assert resp.status == 503 and "sandbox" in (await resp.json())["error"]
     # never synced: template sends are not checked (as before)
