@@ -258,8 +258,9 @@ async def feed(poster: Poster, posts: list[Post]) -> None:
             await asyncio.sleep(max(0.0, posts[i].due - time.monotonic()))
 
 
-async def sample_backlog(url: str, start: float, out: list[tuple[float, int, int, int, int]]) -> None:
-    """Every second: (t, outbox queued, outbox sending, sender queue, dispatcher queue) from /healthz."""
+async def sample_backlog(url: str, start: float, out: list[tuple[float, int, int, int, int, int, int]]) -> None:
+    """Every second: (t, outbox queued, outbox sending, sender queue, dispatcher queue, store commits,
+    store writes) from /healthz."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         tick = 0
         while True:
@@ -272,7 +273,9 @@ async def sample_backlog(url: str, start: float, out: list[tuple[float, int, int
                 continue
             outbox = data.get("outbox", {})
             queues = data.get("sender", {}).get("queue", 0), data.get("dispatcher", {}).get("queue", 0)
-            out.append((time.monotonic() - start, outbox.get("queued", 0), outbox.get("sending", 0), *queues))
+            store = data.get("store", {})
+            counts = store.get("commits", 0), store.get("writes", 0)
+            out.append((time.monotonic() - start, outbox.get("queued", 0), outbox.get("sending", 0), *queues, *counts))
 
 
 async def cpu_at(pid: int, when: float) -> tuple[float, float]:
@@ -290,7 +293,7 @@ async def simulate(args: argparse.Namespace, port: int, graph_port: int, pid: in
     posts = inbound(args, poster)
     start = posts[0].due
     t0, t1 = start + args.warmup, start + args.warmup + args.seconds
-    backlog: list[tuple[float, int, int, int, int]] = []
+    backlog: list[tuple[float, int, int, int, int, int, int]] = []
     sampler = asyncio.create_task(sample_backlog(f"http://127.0.0.1:{port}/healthz", start, backlog))
     cpu = asyncio.gather(cpu_at(pid, t0), cpu_at(pid, t1))
     await feed(poster, posts)
@@ -338,19 +341,29 @@ def summary_rows(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return [
         "| conversations/s offered | rate_per_second | sends/s accepted | of 2 × conversations | "
         "worst 1 s (window / whole run) | server CPU, % of one core | simulator CPU | "
-        "receipts / messages sent (whole run) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "receipts / messages sent (whole run) | commits / writes per conversation |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {args.conversations:g} | {args.rate:g} | {len(window) / args.seconds:.0f} | "
         f"{len(window) / args.seconds / (2 * args.conversations):.1%} | "
         f"{worst_window(window)} / {worst_window(whole)} | "
-        f"{r['cpu']:.0%} | {r['sim_cpu']:.0%} | {r['receipts']} / {r['messages']} |",
+        f"{r['cpu']:.0%} | {r['sim_cpu']:.0%} | {r['receipts']} / {r['messages']} | {per_conversation(r, args)} |",
     ]
+
+
+def per_conversation(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """SQLite group commits and writes per conversation over the measured seconds (/healthz samples)."""
+    inside = [s for s in r["backlog"] if args.warmup <= s[0] <= args.warmup + args.seconds]
+    if len(inside) < 2:
+        return "–"
+    (t0, *_, c0, w0), (t1, *_, c1, w1) = inside[0], inside[-1]
+    conversations = (t1 - t0) * args.conversations
+    return f"{(c1 - c0) / conversations:.1f} / {(w1 - w0) / conversations:.1f}"
 
 
 def backlog_rows(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     rows = ["| t s | phase | outbox queued | outbox sending | sender queue | dispatcher queue |"]
     rows.append("|---:|---|---:|---:|---:|---:|")
-    for t, queued, sending, sender, dispatcher in r["backlog"]:
+    for t, queued, sending, sender, dispatcher, _, _ in r["backlog"]:
         phase = "warm-up" if t < args.warmup else ("measured" if t < args.warmup + args.seconds else "drain")
         rows.append(f"| {t:.0f} | {phase} | {queued} | {sending} | {sender} | {dispatcher} |")
     return rows
