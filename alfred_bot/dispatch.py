@@ -341,14 +341,20 @@ class Runner:
         if not await self._commit(done):
             return
         self._counts[done.state] += 1
-        if done.replies and self._on_replies is not None:
-            self._on_replies()
+        if done.replies and self._on_replies is not None and self._store.shared:
+            self._on_replies()  # several writers: a claim that ran beside the commit missed the replies
 
     async def _commit(self, done: Completion) -> bool:
         """Keep the outcome and retry only the commit: re-running the handler would repeat its side
         effects. False if we are stopping (the message stays pending)."""
         attempt = 0
         while True:
+            if done.replies and self._on_replies is not None:
+                # before the commit, not after: the sender's claim then joins the completion's
+                # group (SQLite's one writer, see `GroupWriter._queue`) and leases the replies in
+                # the same transaction, one fsync for both; a claim that runs first and misses
+                # them does not spend the wake, the next claim comes after this write
+                self._on_replies()
             try:
                 await self._store.complete(done)
                 return True

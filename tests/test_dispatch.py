@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,12 @@ from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import ConfigError
 from alfred_bot.context import Context, ReplyError
+from alfred_bot.dispatch import Dispatcher
 from alfred_bot.fairqueue import FairQueue
 from alfred_bot.models import Message
-from alfred_bot.parse import decode_message
+from alfred_bot.parse import decode_message, parse_body
 from alfred_bot.router import Router
-from alfred_bot.store import StoreError
+from alfred_bot.store import SqliteStore, StoreError
 from tests import payloads
 from tests.conftest import FaultyStore, db_rows, make_config, post_webhook, wait_for
 
@@ -317,3 +319,42 @@ async def test_a_database_error_inside_a_handler_leaves_the_message_pending(
     await wait_for(lambda: _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1, timeout=10)
     assert calls == ["wamid.DBDOWN", "wamid.DBDOWN"]
     assert _reply_texts(cfg.storage.path, "wamid.DBDOWN") == ["done"]  # never the fallback
+
+
+async def test_the_senders_claim_rides_in_the_completions_commit(tmp_path: Path) -> None:
+    """The sender is woken before the completion is written (SQLite's one writer): the claim it
+    makes lands in the same group, after the completion, so it leases the reply at once and
+    the two share one fsync, where a wake after the commit cost a second transaction."""
+    cfg = make_config(tmp_path)
+    store = SqliteStore(Path(cfg.storage.path))
+    await store.open()
+    router = Router()
+
+    @router.default
+    async def answer(message: Message, ctx: Context) -> None:
+        ctx.reply("hello")
+
+    claims: list[asyncio.Future[list[Any]]] = []
+
+    async def claim() -> list[Any]:
+        return await store.claim(time.time(), {"home": 10}, 30.0, frozenset())
+
+    def claim_now() -> None:  # what the woken pump does: claim as soon as it runs
+        claims.append(asyncio.ensure_future(claim()))
+
+    dispatcher = Dispatcher(store, {"home": router}, cfg, on_replies=claim_now)
+    body = payloads.body_of(payloads.text("hi", id="wamid.J1"))
+    fresh = await store.ingest(parse_body(body, {payloads.PNID: "home"}))
+    before = store.stats()["commits"]
+    await dispatcher.start()
+    try:
+        dispatcher.offer(fresh)
+        await wait_for(lambda: bool(claims) and claims[0].done())
+        [job] = claims[0].result()
+        assert json.loads(job.payload)["text"]["body"] == "hello"
+        assert len(claims) == 1  # one wake: the commit needed no second one
+        assert store.stats()["commits"] == before + 1
+        assert _count(cfg.storage.path, "inbox WHERE state = 'handled'") == 1
+    finally:
+        await dispatcher.stop()
+        await store.close()
