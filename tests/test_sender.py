@@ -8,6 +8,7 @@ import json
 import random
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.graph import GraphTransport
 from alfred_bot.outbound.pauses import LocalPauses
+from alfred_bot.outbound.pump import Pump
 from alfred_bot.outbound.sender import Sender
 from alfred_bot.store import OutboxRow, Settlement, SqliteStore, new_outbox_id
 from tests import payloads
@@ -32,6 +34,7 @@ from tests.conftest import (
     prod_config,
     wait_for,
 )
+from tests.contract.helpers import row as contract_row
 from tests.fakes import Answer, FakeGraph, graph_error
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -669,3 +672,36 @@ async def test_a_retry_with_the_same_key_after_the_window_closed_gets_its_messag
     conn.close()
     status, again = await _api_send(prod, body)
     assert (status, again["id"]) == (202, first["id"])
+
+
+class _ClaimOnWake(Pump):
+    """A pump whose wake claims at once, as its loop does (the claims are kept to look at)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        super().__init__(store, {}, LocalPauses(), Counter(), clock=time.time, monotonic=time.monotonic, lease=30.0)
+        self.store = store
+        self.claims: list[asyncio.Future[list[Any]]] = []
+
+    def wake(self) -> None:
+        async def claim() -> list[Any]:
+            return await self.store.claim(time.time(), {"home": 10}, 30.0, frozenset())
+
+        self.claims.append(asyncio.ensure_future(claim()))
+
+
+async def test_a_sent_settle_and_the_claim_of_the_users_next_row_share_a_commit(tmp_path: Path) -> None:
+    """A send that went out makes its user's next row claimable; the pump is woken before the
+    settle is written, so its claim runs in the settle's group (SQLite) and finds that row."""
+    store = SqliteStore(tmp_path / "alfred.db")
+    await store.open()
+    try:
+        await store.enqueue([contract_row("a1"), contract_row("a2")])  # one user: a2 waits for a1
+        [first] = await store.claim(time.time(), {"home": 10}, 30.0, frozenset())
+        pump = _ClaimOnWake(store)
+        before = store.stats()["commits"]
+        await pump.settle(Settlement(id=first.id, state="sent", attempts=first.attempts, wamid="wamid.S1"))
+        await asyncio.gather(*pump.claims)
+        assert [job.id for claim in pump.claims for job in claim.result()] == ["a2"]
+        assert store.stats()["commits"] == before + 1
+    finally:
+        await store.close()

@@ -250,8 +250,6 @@ class Feed(Protocol):
     busy: set[asyncio.Task[None]]
     stopping: bool
 
-    def wake(self) -> None: ...
-
     def room(self) -> None: ...
 
     def release(self, job_id: str) -> None: ...
@@ -454,9 +452,7 @@ class LaneWorkers:
             log.warning("outbox %s failed %s: code %s %s", job.id, verdict.why, d.code, d.message or d.raw)
         elif verdict.row.state == "sent":
             self._telemetry.sent(lane.tenant)
-        await self.settle(verdict.row)
-        if verdict.row.state == "sent":
-            self._feed.wake()  # the user's next row (the reply after its receipt) is claimable now
+        await self.settle(verdict.row)  # a sent row wakes the pump: the user's next row is claimable
 
 
 def without_typing(receipt: OutboxJob) -> OutboxJob:

@@ -125,12 +125,16 @@ class Pump:
     async def settle(self, result: Settlement) -> None:
         """Record an outcome; if the store refuses (disk full), keep it and retry, never resend.
 
+        A sent row makes its user's next row claimable: the pump is woken for it.
         Dropping it would leave the row leased, and when the lease ran out it would be sent again.
         The row stays held, so it cannot be claimed meanwhile. While stopping, one try only:
         the lease brings the row back after a restart.
         """
         attempt = 0
+        ordered = not self._store.shared
         while True:
+            if result.state == "sent" and ordered:
+                self.wake()  # before the write: the claim joins its group (see `Runner._commit`)
             try:
                 await self._store.settle(result, self._clock())
                 break
@@ -144,6 +148,8 @@ class Pump:
                 attempt += 1
         if result.state == "queued":
             self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
+        elif result.state == "sent" and not ordered:
+            self.wake()  # other writers: a claim that ran beside this settle missed the user's next row
 
 
 def _filled(jobs: list[OutboxJob], quotas: dict[str, int]) -> bool:

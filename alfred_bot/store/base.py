@@ -200,6 +200,11 @@ class Inbox(Protocol):
 class Outbox(Protocol):
     """What the senders and the API need to queue, lease and settle sends."""
 
+    @property
+    def shared(self) -> bool:
+        """True when other processes write the same database: their claims run beside ours, so a
+        claim submitted after a write may still not see it (on SQLite's one writer it always does)."""
+
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         """Queue sends; a row whose idem_key the tenant used already yields the existing id (no second send)."""
 
