@@ -199,8 +199,6 @@ class SqliteStore(SqliteReads, LoneNode):
         self.campaigns, self.templates = SqliteCampaigns(self), SqliteTemplates(self)
         self.feed = SqliteFeed(self)
         self._sweeps = ReceiptSweeps()
-        self._due: tuple[frozenset[str], float | None, int] | None = None  # see `next_due`
-        self._submitted = 0  # writes handed to the writer (FIFO: one after a claim ran after it)
 
     @property
     def writer(self) -> GroupWriter:
@@ -229,7 +227,6 @@ class SqliteStore(SqliteReads, LoneNode):
     async def _write(self, op: Any) -> Any:
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only")
-        self._submitted += 1
         return await self._writer.submit(op)
 
     async def close(self) -> None:
@@ -306,25 +303,22 @@ class SqliteStore(SqliteReads, LoneNode):
         receipt_max_age: float | None = None,
     ) -> list[OutboxJob]:
         sweep = self._sweeps.due(now)
-        result: list[OutboxJob]
-        mark = self._submitted + 1  # this claim's number among the writes (`_write` counts it)
-        result, due = await self._write(
-            lambda conn: outbox.claim_and_next_due(
+        result: list[OutboxJob] = await self._write(
+            lambda conn: outbox.claim(
                 conn, now, quotas, lease, held, receipts=receipts, receipt_max_age=receipt_max_age, sweep=sweep
             )
         )
-        self._due = (*due, mark)
         return result
 
     async def settle(self, result: Settlement, now: float) -> None:
         await self._write(lambda conn: outbox.settle(conn, result, now, feed=self.feed.on))
 
     async def next_due(self, tenants: frozenset[str]) -> float | None:
-        """What the claim just before found (the pump asks right after each); else read beside the writer."""
-        hint, self._due = self._due, None
-        if hint is not None and hint[0] == tenants and hint[2] == self._submitted:  # no write since the claim
-            return hint[1]
-        dues = [(await self._fetch(outbox.NEXT_DUE, (t,)))[0][0] for t in sorted(tenants)]
+        """On the reader connection: the writer thread is the bottleneck, and WAL lets this run beside it."""
+        dues = [
+            (await self._fetch(f"SELECT MIN(due_at) FROM outbox WHERE tenant = ? AND {outbox.PENDING}", (t,)))[0][0]
+            for t in sorted(tenants)
+        ]
         known = [float(d) for d in dues if d is not None]
         return min(known) if known else None
 

@@ -89,22 +89,6 @@ _LEASE = "UPDATE outbox SET state = 'sending', attempts = attempts + 1, due_at =
 RECEIPT = "type = 'read'"
 
 
-#: When the next pending row of a tenant falls due (`claim_and_next_due`, the reader's `next_due`).
-NEXT_DUE = f"SELECT MIN(due_at) FROM outbox WHERE tenant = ? AND {PENDING}"
-
-
-def claim_and_next_due(
-    conn: sqlite3.Connection, now: float, quotas: dict[str, int], *args: Any, **kwargs: Any
-) -> tuple[list[OutboxJob], tuple[frozenset[str], float | None]]:
-    """`claim`, then when the next row of these tenants falls due, in the same transaction: the
-    pump asks that right after every claim, and a read beside the writer is a hop to another
-    thread (one per claim, measured in bench/RESULTS.md)."""
-    jobs = claim(conn, now, quotas, *args, **kwargs)
-    dues = [conn.execute(NEXT_DUE, (tenant,)).fetchone()[0] for tenant in quotas]
-    known = [float(d) for d in dues if d is not None]
-    return jobs, (frozenset(quotas), min(known) if known else None)
-
-
 def claim(
     conn: sqlite3.Connection,
     now: float,
