@@ -349,11 +349,11 @@ class Runner:
         effects. False if we are stopping (the message stays pending)."""
         attempt = 0
         while True:
-            if done.replies and self._on_replies is not None:
+            if done.replies and self._on_replies is not None and not self._store.shared:
                 # before the commit, not after: the sender's claim then joins the completion's
-                # group (SQLite's one writer, see `GroupWriter._queue`) and leases the replies in
-                # the same transaction, one fsync for both; a claim that runs first and misses
-                # them does not spend the wake, the next claim comes after this write
+                # group (SQLite's one writer, first in first out) and leases the replies in the
+                # same transaction, one fsync for both; a claim already queued before this write
+                # does not spend the wake, so the next claim comes after it
                 self._on_replies()
             try:
                 await self._store.complete(done)

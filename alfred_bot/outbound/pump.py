@@ -55,7 +55,8 @@ class Pump:
         self._room = asyncio.Event()
 
     def wake(self) -> None:
-        """New rows were queued, or one was settled: claim now rather than at the next poll."""
+        """Rows were queued or settled, or are about to be (a claim submitted after such a write
+        runs after it on SQLite's one writer): claim now rather than at the next poll."""
         self._wake.set()
 
     def room(self) -> None:
@@ -125,10 +126,12 @@ class Pump:
     async def settle(self, result: Settlement) -> None:
         """Record an outcome; if the store refuses (disk full), keep it and retry, never resend.
 
-        A sent row makes its user's next row claimable: the pump is woken for it.
         Dropping it would leave the row leased, and when the lease ran out it would be sent again.
         The row stays held, so it cannot be claimed meanwhile. While stopping, one try only:
         the lease brings the row back after a restart.
+
+        A sent row makes its user's next row claimable: the pump is woken for it, before the write
+        on SQLite (its claim then shares the settle's commit), after it on a shared database.
         """
         attempt = 0
         ordered = not self._store.shared

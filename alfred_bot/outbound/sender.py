@@ -163,7 +163,7 @@ class Sender:
                 lane.limiter.limiter.split(nodes)
 
     def wake(self) -> None:
-        """New rows were queued: claim now rather than at the next poll."""
+        """New rows were queued, or are about to be (see `Pump.wake`): claim now rather than at the next poll."""
         self._pump.wake()
 
     # ------------------------------------------------------------------ pauses

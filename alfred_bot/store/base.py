@@ -202,8 +202,8 @@ class Outbox(Protocol):
 
     @property
     def shared(self) -> bool:
-        """True when other processes write the same database: their claims run beside ours, so a
-        claim submitted after a write may still not see it (on SQLite's one writer it always does)."""
+        """As `Cluster.shared`. For the sender: on a shared database a claim submitted after a write
+        may run beside it and miss it; on SQLite's one writer it always runs after it."""
 
     async def enqueue(self, rows: list[OutboxRow]) -> list[str]:
         """Queue sends; a row whose idem_key the tenant used already yields the existing id (no second send)."""

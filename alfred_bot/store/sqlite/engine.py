@@ -225,6 +225,9 @@ class SqliteStore(SqliteReads, LoneNode):
         await self._reader.execute("PRAGMA query_only=1")
 
     async def _write(self, op: Any) -> Any:
+        """Submit `op` to the group writer. No await before the submit, here or in the callers
+        (`complete`, `settle`): the sender is woken just before them, and its claim must be
+        queued after their write to see it (`Runner._commit`, `Pump.settle`)."""
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only")
         return await self._writer.submit(op)
