@@ -18,10 +18,13 @@ import pytest
 from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
+from alfred_bot.context import Context
 from alfred_bot.graph import GraphTransport
+from alfred_bot.models import Message
 from alfred_bot.outbound.pauses import LocalPauses
 from alfred_bot.outbound.pump import Pump
 from alfred_bot.outbound.sender import Sender
+from alfred_bot.router import Router
 from alfred_bot.store import OutboxRow, Settlement, SqliteStore, new_outbox_id
 from tests import payloads
 from tests.conftest import (
@@ -705,3 +708,28 @@ async def test_a_sent_settle_and_the_claim_of_the_users_next_row_share_a_commit(
         assert store.stats()["commits"] == before + 1
     finally:
         await store.close()
+
+
+async def test_a_users_next_reply_waits_for_the_settle_without_polling_the_store(
+    aiohttp_client: Any, tmp_path: Path, graph: FakeGraph
+) -> None:
+    """A handler's second message waits while its first is at the Graph API (one row of a user
+    in flight at a time). The pump used to re-claim every 10 ms meanwhile (about 30 writes in
+    0.3 s here); the first row's settle wakes it instead, and its claim shares that commit."""
+    router = Router()
+
+    @router.default
+    async def two(message: Message, ctx: Context) -> None:
+        ctx.reply("first")
+        ctx.reply("second")
+
+    cfg = prod_config(tmp_path, graph)
+    client = await aiohttp_client(create_app(cfg, load_secrets(PROD_ENV), routers={"home": router}))
+    graph.latency = 0.5
+    assert await post_webhook(client, payloads.body_of(payloads.text("hi"))) == 200
+    await wait_for(lambda: "first" in graph.texts())  # at the Graph API for the next 0.5 s
+    store = client.app[keys.STORE]
+    before = store.stats()["writes"]
+    await asyncio.sleep(0.3)
+    assert store.stats()["writes"] - before <= 3  # a receipt's settle and its claim at most
+    await wait_for(lambda: graph.texts() == ["first", "second"])

@@ -24,6 +24,11 @@ from alfred_bot.store import Outbox, OutboxJob, Settlement, StoreError
 log = logging.getLogger("alfred.sender")
 
 IDLE_POLL = 1.0
+#: Rows are due but the claim left them (a user's next row behind one in flight, a full receipt
+#: room): what frees them wakes the pump (a settle, a worker taking a job), this is the safety net.
+#: It was 10 ms: a handler's second message polled the store a hundred times a second while the
+#: first was at the Graph API.
+BLOCKED_POLL = 0.25
 SETTLE_RETRY_CAP = 30.0
 
 
@@ -53,6 +58,10 @@ class Pump:
         self._held: set[str] = set()  # rows claimed by this process and not settled yet
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
+        #: SQLite's one writer runs a claim after every write submitted before it; a shared
+        #: database runs them side by side (see `Outbox.shared`)
+        self._ordered = not store.shared
+        self._blocked = False  # waiting with due rows left behind: a free slot wakes the pump too
 
     def wake(self) -> None:
         """Rows were queued or settled, or are about to be (a claim submitted after such a write
@@ -62,6 +71,8 @@ class Pump:
     def room(self) -> None:
         """A worker took a job from its lane: a lane that was full may take more."""
         self._room.set()
+        if self._blocked:
+            self._wake.set()
 
     def release(self, job_id: str) -> None:
         """The row is settled (or its lease will bring it back): it may be claimed again."""
@@ -104,10 +115,15 @@ class Pump:
         if _filled(jobs, quotas):
             return  # a lane took all it could: more may be due, claim again once there is room
         due = await self._store.next_due(frozenset(active))
-        timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - self._clock()))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
-                await self._wake.wait()
+        now = self._clock()
+        self._blocked = self._ordered and due is not None and due <= now
+        timeout = BLOCKED_POLL if self._blocked else IDLE_POLL if due is None else min(IDLE_POLL, max(0.01, due - now))
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._wake.wait()
+        finally:
+            self._blocked = False
 
     async def _claim(self, quotas: dict[str, int], receipts: dict[str, int]) -> list[OutboxJob]:
         """Claim as a busy task: a stop must not cancel a claim the writer has already committed,
@@ -130,14 +146,14 @@ class Pump:
         The row stays held, so it cannot be claimed meanwhile. While stopping, one try only:
         the lease brings the row back after a restart.
 
-        A sent row makes its user's next row claimable: the pump is woken for it, before the write
-        on SQLite (its claim then shares the settle's commit), after it on a shared database.
+        A settled row frees its user's next row: the pump is woken for it, before the write on
+        SQLite (its claim then shares the settle's commit and finds that row), after a sent or
+        re-queued one on a shared database (as before: there claims run beside the settle).
         """
         attempt = 0
-        ordered = not self._store.shared
         while True:
-            if result.state == "sent" and ordered:
-                self.wake()  # before the write: the claim joins its group (see `Runner._commit`)
+            if self._ordered:
+                self.wake()  # before the write: the claim joins its group and runs after it (`Runner._commit`)
             try:
                 await self._store.settle(result, self._clock())
                 break
@@ -149,10 +165,9 @@ class Pump:
                 self._counts["settle_retries"] += 1
                 await asyncio.sleep(delay)
                 attempt += 1
-        if result.state == "queued":
-            self.wake()  # the pump re-reads the next due time instead of sleeping a full poll
-        elif result.state == "sent" and not ordered:
-            self.wake()  # other writers: a claim that ran beside this settle missed the user's next row
+        if not self._ordered and result.state in ("queued", "sent"):
+            # a claim that ran beside this settle missed the user's next row, or the new due time
+            self.wake()
 
 
 def _filled(jobs: list[OutboxJob], quotas: dict[str, int]) -> bool:
