@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
+from alfred_bot import tasks
 from alfred_bot.outbound.ratelimit import DEFAULT_MARGIN, PAIR_MAX_BACKOFF, Clock
 from alfred_bot.outbound.redis.base import AsyncPacer, AsyncPairBudget, LocalPacer, LocalPairs
 from alfred_bot.outbound.redis.link import REDIS_ERRORS, RedisLink, connect
@@ -171,8 +172,7 @@ class SharedPacing:
     async def close(self) -> None:
         """Stop the heartbeat and leave the registry (the others count this node out at once)."""
         if self._beating is not None:
-            self._beating.cancel()
-            await asyncio.gather(self._beating, return_exceptions=True)
+            await tasks.cancel(self._beating)  # cancelled again if a driver call swallows it
             if not self.link.degraded:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.link.client.zrem(self._registry, self.node)

@@ -26,6 +26,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from alfred_bot import tasks
+
 log = logging.getLogger("alfred.redis")
 
 #: What "Redis is not answering" looks like: refused or reset connections, timeouts, a server
@@ -132,7 +134,5 @@ class RedisLink:
     async def close(self) -> None:
         """Finish background writes, stop reconnecting, close the client."""
         await self.settled()
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
-            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        await tasks.cancel(self._reconnecting)  # cancelled again if a driver call swallows it
         await self.client.aclose()

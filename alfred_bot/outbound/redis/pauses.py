@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import msgspec
 
+from alfred_bot import tasks
 from alfred_bot.outbound.pauses import Pause
 from alfred_bot.outbound.redis.link import REDIS_ERRORS, RedisLink
 from alfred_bot.outbound.redis.scripts import PAUSE_HOLD, PAUSE_LIFT
@@ -117,9 +118,10 @@ class SharedPauses:
                 await channel.get_message(ignore_subscribe_messages=True, timeout=self.poll)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop following. `tasks.cancel` cancels again if the first is lost: redis-py's pub/sub
+        read can swallow one, and a close that waited on it hung a test teardown for 300 s in CI
+        while the follower went on polling."""
+        await tasks.cancel(self._task)
 
 
 def _readable(raw: dict[bytes, bytes]) -> Iterator[tuple[str, Pause]]:
