@@ -118,9 +118,8 @@ class SharedPauses:
                 await channel.get_message(ignore_subscribe_messages=True, timeout=self.poll)
 
     async def close(self) -> None:
-        """Stop following. `tasks.cancel` cancels again if the first is lost: redis-py's pub/sub
-        read can swallow one, and a close that waited on it hung a test teardown for 300 s in CI
-        while the follower went on polling."""
+        """Stop following. `tasks.cancel` cancels again if the first is lost inside a driver call:
+        a close that waited on such a task hung a test teardown for 300 s in CI (`SharedPacing.close`)."""
         await tasks.cancel(self._task)
 
 
