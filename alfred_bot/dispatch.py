@@ -39,7 +39,7 @@ from alfred_bot.orchestrator import Orchestrator, orchestrator_fallback
 from alfred_bot.parse import InboundItem, StatusItem
 from alfred_bot.prometheus import Metrics
 from alfred_bot.router import Middleware, Next, Router
-from alfred_bot.store import Cluster, Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError
+from alfred_bot.store import Cluster, Completion, Inbox, InboxState, Outbox, OutboxRow, StoreError, claim_after
 from alfred_bot.tasks import stop_workers
 from alfred_bot.telemetry import Telemetry
 
@@ -341,22 +341,14 @@ class Runner:
         if not await self._commit(done):
             return
         self._counts[done.state] += 1
-        if done.replies and self._on_replies is not None and self._store.shared:
-            self._on_replies()  # several writers: a claim that ran beside the commit missed the replies
 
     async def _commit(self, done: Completion) -> bool:
         """Keep the outcome and retry only the commit: re-running the handler would repeat its side
         effects. False if we are stopping (the message stays pending)."""
         attempt = 0
         while True:
-            if done.replies and self._on_replies is not None and not self._store.shared:
-                # before the commit, not after: the sender's claim then joins the completion's
-                # group (SQLite's one writer, first in first out) and leases the replies in the
-                # same transaction, one fsync for both; a claim already queued before this write
-                # does not spend the wake, so the next claim comes after it
-                self._on_replies()
-            try:
-                await self._store.complete(done)
+            try:  # with replies, the sender's claim leases them
+                await claim_after(self._store, self._store.complete(done), self._on_replies if done.replies else None)
                 return True
             except StoreError as exc:
                 delay = min(COMMIT_RETRY_CAP, RETRY_DELAY * 2**attempt)
@@ -446,9 +438,7 @@ class Runner:
                 for handler in router.status_handlers(item.status):
                     await handler(item.status, ctx)
             if ctx.replies:
-                await self._store.enqueue(ctx.replies)
-                if self._on_replies is not None:
-                    self._on_replies()
+                await claim_after(self._store, self._store.enqueue(ctx.replies), self._on_replies)
         except Exception:  # a status handler bug must not stop the bot
             status = item.status
             log.exception("status handler failed for %s %s (tenant %s)", status.id, status.status, item.tenant)
@@ -493,12 +483,9 @@ class EarlyReceipts:
 
     async def _enqueue(self, row: OutboxRow) -> None:
         try:
-            await self._store.enqueue([row])
+            await claim_after(self._store, self._store.enqueue([row]), self._on_replies)
         except StoreError as exc:
             log.warning("early read receipt not queued (the completion will queue it): %s", exc)
-            return
-        if self._on_replies is not None:
-            self._on_replies()
 
     async def close(self) -> None:
         """Cancel pending timers; give started writes a second (the completion, or the next run,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from alfred_bot.parse import InboundItem, parse_body
-from alfred_bot.store import Completion, SqliteStore, StoreError, make_store
+from alfred_bot.store import Completion, SqliteStore, StoreError, claim_after, make_store
 from alfred_bot.store.base import Dialog
 from alfred_bot.store.sqlite.outbox import FREE_RESTARTS
 from alfred_bot.store.sqlite.schema import SCHEMA_VERSION
@@ -532,3 +532,23 @@ async def test_a_send_that_brings_the_process_down_is_a_dead_letter_after_many_r
         assert (await store.message("o2") or {})["state"] == "sent"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("shared", "order"), [(False, ["wake", "write"]), (True, ["write", "wake"])])
+async def test_claim_after_wakes_the_sender_where_its_claim_will_see_the_write(shared: bool, order: list[str]) -> None:
+    """One writer queues the woken claim behind the write (wake first: they share a commit);
+    several writers run it beside, so there the wake waits for the commit."""
+
+    class Engine:  # only what `claim_after` reads of a store: whether others write it too
+        def __init__(self) -> None:
+            self.shared = shared
+
+    seen: list[str] = []
+
+    async def write() -> int:
+        seen.append("write")
+        return 7
+
+    assert await claim_after(Engine(), write(), lambda: seen.append("wake")) == 7  # type: ignore[arg-type]
+    assert seen == order
+    assert await claim_after(Engine(), write(), None) == 7  # nothing to wake

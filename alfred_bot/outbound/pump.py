@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 from alfred_bot.outbound.lanes import RECEIPT_TYPES, Lane
 from alfred_bot.outbound.pauses import PauseBoard
-from alfred_bot.store import Outbox, OutboxJob, Settlement, StoreError
+from alfred_bot.store import Outbox, OutboxJob, Settlement, StoreError, claim_after
 
 log = logging.getLogger("alfred.sender")
 
@@ -58,8 +58,8 @@ class Pump:
         self._held: set[str] = set()  # rows claimed by this process and not settled yet
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        #: SQLite's one writer runs a claim after every write submitted before it; a shared
-        #: database runs them side by side (see `Outbox.shared`)
+        #: SQLite: every write that frees a row wakes this pump (`claim_after`), so held-back rows
+        #: can wait for a wake; on a shared database other nodes' settles do not, so they poll
         self._ordered = not store.shared
         self._blocked = False  # waiting with due rows left behind: a free slot wakes the pump too
 
@@ -146,16 +146,13 @@ class Pump:
         The row stays held, so it cannot be claimed meanwhile. While stopping, one try only:
         the lease brings the row back after a restart.
 
-        A settled row frees its user's next row: the pump is woken for it, before the write on
-        SQLite (its claim then shares the settle's commit and finds that row), after a sent or
-        re-queued one on a shared database (as before: there claims run beside the settle).
+        A settled row frees its user's next row (and a re-queued one has a new due time): the pump
+        is woken to claim after it (`claim_after`).
         """
         attempt = 0
         while True:
-            if self._ordered:
-                self.wake()  # before the write: the claim joins its group and runs after it (`Runner._commit`)
             try:
-                await self._store.settle(result, self._clock())
+                await claim_after(self._store, self._store.settle(result, self._clock()), self.wake)
                 break
             except StoreError as exc:
                 if self.stopping:
@@ -165,9 +162,6 @@ class Pump:
                 self._counts["settle_retries"] += 1
                 await asyncio.sleep(delay)
                 attempt += 1
-        if not self._ordered and result.state in ("queued", "sent"):
-            # a claim that ran beside this settle missed the user's next row, or the new due time
-            self.wake()
 
 
 def _filled(jobs: list[OutboxJob], quotas: dict[str, int]) -> bool:

@@ -19,6 +19,7 @@ from alfred_bot.store.base import (
     Settlement,
     Store,
     StoreError,
+    claim_after,
 )
 from alfred_bot.store.factory import configured_store, describe, make_store
 from alfred_bot.store.ids import new_outbox_id
@@ -43,6 +44,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "claim_after",
     "configured_store",
     "describe",
     "make_store",

@@ -9,11 +9,13 @@ engines. The embedded SQLite store is the default.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
 from alfred_bot.parse import InboundItem, ParsedBody, StatusItem
+
+T = TypeVar("T")
 
 InboxState = Literal["pending", "handled", "failed", "unrouted", "limited"]
 
@@ -242,6 +244,23 @@ class Outbox(Protocol):
 
     async def message_by_key(self, idem_key: str) -> dict[str, Any] | None:
         """The outbox row queued with this idempotency key, or None."""
+
+
+async def claim_after(store: Outbox, write: Awaitable[T], wake: Callable[[], None] | None) -> T:
+    """Await `write` (rows the sender should claim: replies, a settle freeing the user's next row)
+    and wake the sender (`wake`, if any) so that its next claim sees it.
+
+    On one writer (SQLite, first in first out) the wake comes first: the claim it causes is queued
+    behind the write, joins its group and shares its fsync (a claim queued before the write does
+    not spend the wake: the pump claims again after it). `write` must reach the writer without
+    an await of its own first (`SqliteStore._write`). On a shared database (PostgreSQL) claims run
+    beside the write, so the wake comes after it has committed."""
+    if wake is not None and not store.shared:
+        wake()
+    result = await write
+    if wake is not None and store.shared:
+        wake()
+    return result
 
 
 class Queries(Protocol):

@@ -226,8 +226,8 @@ class SqliteStore(SqliteReads, LoneNode):
 
     async def _write(self, op: Any) -> Any:
         """Submit `op` to the group writer. No await before the submit, here or in the callers
-        (`complete`, `settle`): the sender is woken just before them, and its claim must be
-        queued after their write to see it (`Runner._commit`, `Pump.settle`)."""
+        (`complete`, `settle`, `enqueue`): the sender is woken just before them, and its claim must
+        be queued after their write to see it (`claim_after`)."""
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only")
         return await self._writer.submit(op)
