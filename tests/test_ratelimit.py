@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import random
 
@@ -89,6 +91,33 @@ def test_window_caps_what_the_burst_would_add() -> None:
     start = clock.now
     starts = run_backlog(limiter, clock, 1.01 - 1e-9, work=0.0)
     assert len([t for t in starts if t < start + 1.01 - 1e-9]) == 40
+
+
+def test_a_full_window_does_not_replay_the_burst_every_second() -> None:
+    """Workers that always have work: after the first window the starts stay evenly spaced.
+
+    The burst of the first moments filled the window 50 ms early; the wait for room then looked
+    like idle time and earned a new burst of 50, which filled the next window early, and so on:
+    a 50 ms silence and 100 starts in the next 50 ms once a second (seen at the receiver).
+    """
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(1000, clock=clock)
+    begin = clock.now
+    workers = [(begin, w) for w in range(250)]  # (when the worker is free again, its number)
+    heapq.heapify(workers)
+    starts: list[float] = []
+    while workers[0][0] < begin + 6:
+        free, worker = heapq.heappop(workers)
+        clock.now = free
+        start = free + limiter.reserve()
+        starts.append(start)
+        heapq.heappush(workers, (start + 0.1, worker))  # the Graph API answers in 100 ms
+    starts.sort()
+    steady = [t for t in starts if t >= begin + 1.1]
+    assert max(b - a for a, b in itertools.pairwise(steady)) < 2 * 1.01 / 1000
+    assert worst_window(steady, 0.05) <= 51
+    assert worst_window(starts) <= 1000
+    assert len(steady) / (steady[-1] - steady[0]) >= 0.98 * 1000
 
 
 def test_fractional_rate_rounds_down_never_up() -> None:

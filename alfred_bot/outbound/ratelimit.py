@@ -14,6 +14,12 @@ at the receiver (measured: 1250 in one second at 1000/s). So starts are also spa
 (GCRA, one every `window / capacity` seconds, with a small burst), which keeps what Meta sees
 as smooth as what we send.
 
+Why a start the window held back earns no burst: the burst is credit for idle time. A backlog
+that starts with a burst fills its window 5 % early and then waits for room; if that wait counted
+as idle, it earned a new burst, which filled the next window early, and so on: a 50 ms silence and
+100 starts in the next 50 ms, once a second, at 1000/s (measured at the receiver). So `reserve`
+spends the burst when the window, not the spacing, set the wait.
+
 Why the window stretches with observed lag: a start is decided here, but the request reaches
 the wire later (a new connection, a busy loop). If early requests lag more than later ones
 (a cold connection pool), the receiver sees them compressed: measured 1062 in its first
@@ -151,8 +157,8 @@ class SlidingWindowLimiter:
         """Starts allowed back to back: 5 % of the capacity, at least one."""
         return max(1, self.capacity // 20)
 
-    def delay(self) -> float:
-        """Seconds until a start is allowed; 0 means now."""
+    def _waits(self) -> tuple[float, float]:
+        """(wait for the even spacing, wait for room in the window); either may be negative."""
         now, window = self._clock(), self.window
         while self._starts and now - self._starts[0] >= self.base_window + MAX_LAG:
             self._starts.popleft()
@@ -160,7 +166,11 @@ class SlidingWindowLimiter:
         spacing = self._tat - (self._burst() - 1) * self._interval() - now
         excess = len(self._starts) - first - self.capacity
         full = self._starts[first + excess] + window - now if excess >= 0 else 0.0
-        return max(0.0, spacing, full)
+        return spacing, full
+
+    def delay(self) -> float:
+        """Seconds until a start is allowed; 0 means now."""
+        return max(0.0, *self._waits())
 
     def record(self) -> None:
         """Count one start now (call right before sending)."""
@@ -176,8 +186,12 @@ class SlidingWindowLimiter:
         Each caller sleeps once until its own slot, instead of every waiting worker waking at
         the same moment to compete for one start (measured: 91 checks per send at 1000/s).
         """
-        wait = self.delay()
-        self._record_at(self._clock() + wait)
+        spacing, full = self._waits()
+        wait = max(0.0, spacing, full)
+        at = self._clock() + wait
+        self._record_at(at)
+        if full > max(0.0, spacing):
+            self._tat = max(self._tat, at + self._burst() * self._interval())
         return wait
 
     def try_acquire(self) -> bool:

@@ -72,16 +72,17 @@ local function window_of(state, now, base_window, lag)
   return base_window + math.min(shared, MAX_LAG)
 end
 
-local function delay(log, tat, cap, window, interval, now)
-  local burst = math.max(1, math.floor(cap / 20))
+-- The wait for a start, and whether room in the window (not the spacing) set it.
+local function delay(log, tat, burst, cap, window, interval, now)
   local wait = math.max(0.0, tat - (burst - 1) * interval - now)
   local first = redis.call('ZCOUNT', log, '-inf', now - window)
   local excess = redis.call('ZCARD', log) - first - cap
   if excess >= 0 then
     local at = redis.call('ZRANGE', log, first + excess, first + excess, 'WITHSCORES')
-    wait = math.max(wait, tonumber(at[2]) + window - now)
+    local full = tonumber(at[2]) + window - now
+    if full > wait then return full, true end
   end
-  return wait
+  return wait, false
 end
 
 local log, state = KEYS[1], KEYS[2]
@@ -92,17 +93,20 @@ local ahead, part = tonumber(ARGV[6]), tonumber(ARGV[7])
 local f, slope = factor(state, now)
 local cap = math.max(1, math.floor(rate * f * part))
 local interval = base_window / cap
+local burst = math.max(1, math.floor(cap / 20))
 local tat = tonumber(redis.call('HGET', state, 'tat') or '0')
 redis.call('ZREMRANGEBYSCORE', log, '-inf', now - base_window - MAX_LAG)
 local reply = {string.format('%.6f', f), string.format('%.9f', slope), string.format('%.6f', now), '-1'}
 for i = 8, #ARGV do
-  local wait = delay(log, tat, cap, window, interval, now)
+  local wait, held = delay(log, tat, burst, cap, window, interval, now)
   if (mode == 'free' and wait > 0) or wait > ahead then
     reply[4] = string.format('%.6f', wait)
     break
   end
   redis.call('ZADD', log, now + wait, ARGV[i])
   tat = math.max(tat, now + wait) + interval
+  -- A start the window held back was not idle time: it earns no burst (see ratelimit.py).
+  if held then tat = math.max(tat, now + wait + burst * interval) end
   table.insert(reply, string.format('%.6f', wait))
 end
 redis.call('HSET', state, 'tat', string.format('%.6f', tat))
