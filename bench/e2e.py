@@ -89,8 +89,9 @@ def serve_fake(argv: list[str]) -> None:
     fake_graph.main()
 
 
-def start_fake(port: int, latency: float) -> Any:
+def start_fake(port: int, latency: float, agent_latency: float = 0.0) -> Any:
     cmd = [sys.executable, __file__, "--serve-fake", str(port), "--latency", str(latency)]
+    cmd += ["--agent-latency", str(agent_latency)]
     proc = start_process(cmd, CLIENT_CPU)
     wait_up(f"http://127.0.0.1:{port}/healthz", proc=proc)
     return proc
@@ -177,8 +178,8 @@ def scenario(name: str, rate: float, args: argparse.Namespace, tag: str, root: P
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fake_port, port = free_port(), free_port()
-        fake = start_fake(fake_port, latency=args.graph_latency)
-        config, _db = write_config(tmp, port, graph_port=fake_port, rate=rate)
+        fake = start_fake(fake_port, latency=args.graph_latency, agent_latency=args.agent_latency or 0.0)
+        config, _db = write_config(tmp, port, graph_port=fake_port, rate=rate, extra=extra_config(args, fake_port))
         common.ALFRED_ROOT = root or ROOT_OF_THIS_TREE
         alfred = start_alfred(config, port, log=tmp / "alfred.log")
         timer = throttle_later(fake_port, args.throttle_at) if args.throttle_at is not None else None
@@ -209,6 +210,18 @@ def scenario(name: str, rate: float, args: argparse.Namespace, tag: str, root: P
         "arrivals": arrivals,
         "counts": counts,
     }
+
+
+def extra_config(args: argparse.Namespace, fake_port: int) -> str:
+    """Config sections beyond the rate: the fake agent as orchestrator, the handler workers."""
+    extra = ""
+    if args.agent_latency is not None:
+        extra += f'[orchestrator]\nurl = "http://127.0.0.1:{fake_port}/agent"\ntimeout_seconds = 20\n'
+        extra += "[dispatch]\nhandler_timeout_seconds = 60\n"
+    if args.dispatch_workers:
+        extra += "" if "[dispatch]" in extra else "[dispatch]\n"
+        extra += f"workers = {args.dispatch_workers}\n"
+    return extra
 
 
 def health_counts(port: int) -> dict[str, int]:
@@ -278,6 +291,10 @@ def main() -> None:
     parser.add_argument("--baseline", choices=["unpaced", "head", "none"], default="unpaced")
     parser.add_argument("--head-root", type=Path, help="the previous code (git archive HEAD) for --baseline head")
     parser.add_argument("--throttle-at", type=float, help="130429 for every send for 1 s at this second of the load")
+    parser.add_argument(
+        "--agent-latency", type=float, help="texts go to a fake orchestrator answering after this many s (echo's text)"
+    )
+    parser.add_argument("--dispatch-workers", type=int, help="dispatch.workers (default: the config's default)")
     parser.add_argument("--serve-fake", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake is not None:

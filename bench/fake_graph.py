@@ -14,6 +14,10 @@ Control and read-out (loopback only):
   for polling; `distinct_ok` counts distinct (type, key) pairs answered 2xx, `last_ok` is the
   arrival time of the latest of them).
 - `GET /_stats`: `{"arrivals": [t, …], "records": [[t_in, t_out, type, key, status], …]}`.
+
+With `--agent-latency S` it also plays the agent platform (`[orchestrator] url = …/agent`): a
+POST answers `{"response": "You said: <user_message>"}` after S seconds, as the echo handler
+would have, so replies match the same way; `/_count` then also reports `agent_inflight_max`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class FakeGraph:
         self.inflight = 0
         self.inflight_max = 0
         self.ids = itertools.count(1)
+        self.agent_latency = 0.0
+        self.agent_inflight = 0
+        self.agent_inflight_max = 0
 
     async def messages(self, request: web.Request) -> web.Response:
         t_in = time.monotonic()
@@ -86,6 +93,17 @@ class FakeGraph:
         answer = {"messaging_product": "whatsapp", "messages": [{"id": f"wamid.B{next(self.ids)}"}]}
         return web.json_response(answer)
 
+    async def agent(self, request: web.Request) -> web.Response:
+        """The orchestrator: thinks for `agent_latency` s, then echoes the user's text."""
+        data = await request.json()
+        self.agent_inflight += 1
+        self.agent_inflight_max = max(self.agent_inflight_max, self.agent_inflight)
+        try:
+            await asyncio.sleep(self.agent_latency)
+        finally:
+            self.agent_inflight -= 1
+        return web.json_response({"response": "You said: " + str(data["payload"]["user_message"])})
+
     async def mode(self, request: web.Request) -> web.Response:
         data = await request.json()
         self.status = int(data.get("status", self.status))
@@ -101,6 +119,7 @@ class FakeGraph:
                 "last_ok": self.last_ok,
                 "by_status": self.by_status,
                 "inflight_max": self.inflight_max,
+                "agent_inflight_max": self.agent_inflight_max,
             }
         )
 
@@ -116,10 +135,13 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--status", type=int, default=200, help="status of every answer (503: Graph API down)")
+    parser.add_argument("--agent-latency", type=float, default=0.0, help="the fake orchestrator's thinking time, s")
     args = parser.parse_args()
     fake = FakeGraph(args.latency, args.status)
+    fake.agent_latency = args.agent_latency
     app = web.Application()
     app.router.add_post("/{version}/{pnid}/messages", fake.messages)
+    app.router.add_post("/agent", fake.agent)
     app.router.add_post("/_mode", fake.mode)
     app.router.add_get("/_count", fake.count)
     app.router.add_get("/_stats", fake.stats)
