@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from alfred_bot import tracing
+from alfred_bot.admission import Admission
 from alfred_bot.config import Config, DispatchConfig
 from alfred_bot.consent import consent_middleware
 from alfred_bot.context import Context, Services, StatusContext
@@ -82,6 +83,7 @@ class Dispatcher:
         self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
             cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
         )
+        self.admission = Admission(cfg.dispatch.workers)
         self._inflight: set[str] = set()
         self._done_during_scan: set[str] | None = None  # only while a scan batch is in progress
         self._backlog = asyncio.Event()
@@ -99,6 +101,7 @@ class Dispatcher:
             asyncio.create_task(self._worker(), name=f"alfred-handler-{i}") for i in range(self._cfg.workers)
         ]
         self._tasks.append(asyncio.create_task(self._catch_up(), name="alfred-catch-up"))
+        self._tasks.append(asyncio.create_task(self.admission.watch(), name="alfred-handler-admission"))
         if self._shared:
             self._store.watch(self._backlog.set, lambda: None)
             self._tasks.append(asyncio.create_task(_every(TAKE_POLL, self._backlog.set), name="alfred-take-poll"))
@@ -213,16 +216,17 @@ class Dispatcher:
         current = asyncio.current_task()
         assert current is not None
         while not self._stopping:
-            lane, item = await self.queue.get()
-            self._busy.add(current)
-            try:
-                if isinstance(item, StatusItem):
-                    await self._runner.status(item)
-                else:
-                    await self._guarded(item)
-            finally:
-                self._busy.discard(current)
-                self.queue.done(lane)
+            async with self.admission:  # fewer run at once while the process is busy (admission.py)
+                lane, item = await self.queue.get()
+                self._busy.add(current)
+                try:
+                    if isinstance(item, StatusItem):
+                        await self._runner.status(item)
+                    else:
+                        await self._guarded(item)
+                finally:
+                    self._busy.discard(current)
+                    self.queue.done(lane)
 
     async def _guarded(self, item: InboundItem) -> None:
         trace_id = item.trace_id or new_trace_id()

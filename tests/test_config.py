@@ -71,7 +71,7 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.graph.base_url == "https://graph.facebook.com"
     assert cfg.graph.api_version == "v23.0"
     assert cfg.outbound.rate_per_second == 80.0
-    assert cfg.dispatch.workers == 4
+    assert cfg.dispatch.workers == 100
     assert cfg.logging.format == "json"
     assert Path(cfg.storage.path) == tmp_path / "data" / "alfred.db"
 

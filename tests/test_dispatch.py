@@ -291,9 +291,11 @@ async def test_fair_queue_a_cancelled_getter_passes_its_wakeup_on() -> None:
 
 
 def test_tenant_cap_leaves_a_worker_for_every_other_tenant(tmp_path: Path) -> None:
-    assert make_config(tmp_path).dispatch.tenant_cap(2) == 3  # 4 workers, 2 tenants
-    assert make_config(tmp_path).dispatch.tenant_cap(1) == 4
-    assert make_config(tmp_path).dispatch.tenant_cap(9) == 1
+    four = make_config(tmp_path, dispatch={"workers": 4}).dispatch
+    assert four.tenant_cap(2) == 3  # 4 workers, 2 tenants
+    assert four.tenant_cap(1) == 4
+    assert four.tenant_cap(9) == 1
+    assert make_config(tmp_path).dispatch.tenant_cap(2) == 99  # the default: 100 workers
     assert make_config(tmp_path, dispatch={"max_workers_per_tenant": 2}).dispatch.tenant_cap(2) == 2
     with pytest.raises(ConfigError, match=r"dispatch\.max_workers_per_tenant"):
         make_config(tmp_path, dispatch={"workers": 2, "max_workers_per_tenant": 3})

@@ -339,6 +339,21 @@ async def test_webhook_answers_before_the_orchestrator_is_done(
     assert db_rows(db, "SELECT state FROM inbox")[0][0] == "handled"
 
 
+async def test_at_the_default_config_many_users_wait_on_the_orchestrator_at_once(
+    aiohttp_client: Any, tmp_path: Path, orch: FakeOrchestrator
+) -> None:
+    """A slow agent must not queue everyone behind a few handler workers: 40 users' texts are
+    all with the orchestrator at the same moment (with 4 workers the 40th waited ten answers)."""
+    hold = asyncio.Event()
+    orch.script.extend(Reply(body={"response": "thought about it"}, hold=hold) for _ in range(40))
+    client, db = await _app(aiohttp_client, tmp_path, orch.url, timeout_seconds=5.0, retries=0)
+    msgs = [payloads.text(f"question {i}", id=f"wamid.Q{i}", sender=f"1555000{i:04d}") for i in range(40)]
+    assert await post_webhook(client, payloads.body_of(*msgs)) == 200
+    await wait_for(lambda: len(orch.requests) == 40)
+    hold.set()
+    await wait_for(lambda: all(_texts(db, f"wamid.Q{i}") == ["thought about it"] for i in range(40)))
+
+
 # ---------------------------------------------------------------------------- configuration
 
 
