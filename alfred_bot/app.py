@@ -155,7 +155,9 @@ def _add_workers(app: web.Application, cfg: Config, secrets: Secrets) -> None:
     own = secrets.tenant_tokens
     groups = {name: (t.access_token_env or "") if name in own else "" for name, t in cfg.tenants.items()}
     app[keys.SENDER] = sender = Sender(store, transport, cfg, token_groups=groups, telemetry=telemetry)
-    app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(cfg.orchestrator, secrets.orchestrator_key, telemetry)
+    app[keys.ORCHESTRATOR] = orchestrator = Orchestrator(
+        cfg.orchestrator, secrets.orchestrator_key, telemetry, connections=cfg.dispatch.workers
+    )
     check = functools.partial(templates.check_send, store, cfg)
     services = Services(store, transport, cfg.media_dir(), cfg.media.max_download_bytes, cfg.tenants, check)
     routers: dict[str, Router] = app[keys.ROUTERS]

@@ -95,7 +95,15 @@ class _Retryable(Exception):
 class Orchestrator:
     """One HTTP client to the orchestrator, shared by all dispatch workers."""
 
-    def __init__(self, cfg: OrchestratorConfig, api_key: str | None, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        cfg: OrchestratorConfig,
+        api_key: str | None,
+        telemetry: Telemetry | None = None,
+        *,
+        connections: int = 100,
+    ) -> None:
+        self._connections = connections  # one per handler worker: none waits for a connection
         self._telemetry = telemetry or Telemetry()
         self._metrics = self._telemetry.metrics
         self._counts = self._telemetry.orchestrator
@@ -115,6 +123,7 @@ class Orchestrator:
     async def start(self) -> None:
         if self.enabled and self._session is None:
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections),
                 timeout=aiohttp.ClientTimeout(total=self._cfg.timeout_seconds),
                 auto_decompress=False,  # a gzip bomb stays a few compressed bytes (and is not JSON)
             )
