@@ -132,8 +132,9 @@ class DispatchConfig(_Section, frozen=True):
     """The inbound dispatcher: queue bound, handler workers and what to say when a handler fails."""
 
     #: Handlers that wait (on an agent platform, a database, an API) need one worker per message
-    #: waiting: 50 msg/s to an agent answering in 2 s keep 100 busy. Four made a 0.5 s agent a
-    #: limit of 8 msg/s (replies a minute late at the guide's load); an idle worker costs ~1.5 KB.
+    #: waiting: 50 msg/s to an agent answering in 2 s keep 100 busy. Four made a 1 s agent a
+    #: limit of 4 msg/s (replies a minute late at the guide's load); an idle worker costs ~1.5 KB.
+    #: Fewer run while the process is busy (admission.py).
     workers: int = 100
     queue_size: int = 1000
     handler_timeout_seconds: float = 30.0
@@ -143,11 +144,13 @@ class DispatchConfig(_Section, frozen=True):
     #: tenant always finds a free worker however slow this tenant's handlers (or orchestrator) are.
     max_workers_per_tenant: int = 0
 
-    def tenant_cap(self, tenants: int) -> int:
-        """How many workers one tenant may occupy (see `max_workers_per_tenant`)."""
+    def tenant_cap(self, tenants: int, running: int | None = None) -> int:
+        """How many workers one tenant may occupy (see `max_workers_per_tenant`), of `running`
+        allowed to run now (default: all of them)."""
+        workers = self.workers if running is None else running
         if self.max_workers_per_tenant:
-            return min(self.max_workers_per_tenant, self.workers)
-        return max(1, self.workers - (tenants - 1))
+            return min(self.max_workers_per_tenant, workers)
+        return max(1, workers - (tenants - 1))
 
 
 class HandlersConfig(_Section, frozen=True):

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from alfred_bot import tracing
-from alfred_bot.admission import Admission
+from alfred_bot.admission import FLOOR, Admission
 from alfred_bot.config import Config, DispatchConfig
 from alfred_bot.consent import consent_middleware
 from alfred_bot.context import Context, Services, StatusContext
@@ -83,7 +83,12 @@ class Dispatcher:
         self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
             cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
         )
-        self.admission = Admission(cfg.dispatch.workers)
+        tenants = len(cfg.tenants)
+        self.admission = Admission(  # never below one worker per tenant: the fair queue's caps need it
+            cfg.dispatch.workers,
+            floor=max(FLOOR, tenants),
+            on_change=lambda limit: self.queue.set_cap(cfg.dispatch.tenant_cap(tenants, limit)),
+        )
         self._inflight: set[str] = set()
         self._done_during_scan: set[str] | None = None  # only while a scan batch is in progress
         self._backlog = asyncio.Event()

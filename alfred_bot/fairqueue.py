@@ -38,6 +38,11 @@ class FairQueue(Generic[T]):
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
 
+    def set_cap(self, cap: int) -> None:
+        """Change how many workers one lane may hold (the workers allowed to run changed)."""
+        self.cap = max(1, cap)
+        self._wake(self._getters)  # a lane held back by the old cap may be ready now
+
     def qsize(self) -> int:
         """Items waiting (not those being worked on)."""
         return self._size
