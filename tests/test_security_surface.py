@@ -324,7 +324,7 @@ async def test_a_hanging_orchestrator_of_one_tenant_does_not_delay_another(
             tmp_path,
             orch.url,
             orchestrator={"timeout_seconds": 8.0, "retries": 0},
-            dispatch={"shutdown_grace_seconds": 0},
+            dispatch={"shutdown_grace_seconds": 0, "workers": 4},  # fewer workers than hanging users
             routers={"home": Router("home"), "biz": ping},
         )
         # twelve users (one user's messages are handled one at a time, so one user alone holds one worker)
