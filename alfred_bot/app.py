@@ -214,6 +214,7 @@ def _transport(cfg: Config, secrets: Secrets, redactor: Redactor) -> Transport:
         cfg.graph,
         {k: v for k, v in tokens.items() if v},
         connections=workers,
+        download_connections=cfg.dispatch.workers,
         redactor=redactor,
         download_hosts=cfg.media.download_hosts,
     )

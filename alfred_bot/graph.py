@@ -94,6 +94,7 @@ class GraphTransport:
         tokens: Mapping[str, str],
         *,
         connections: int,
+        download_connections: int = 100,
         redactor: Redactor | None = None,
         download_hosts: Sequence[str] = DEFAULT_DOWNLOAD_HOSTS,
     ) -> None:
@@ -101,7 +102,11 @@ class GraphTransport:
         self._timeout = cfg.timeout_seconds
         self._tokens = dict(tokens)
         self._connections = connections
+        self._download_connections = download_connections
         self._session: aiohttp.ClientSession | None = None
+        # Handlers' media downloads get a pool of their own (one connection per handler worker):
+        # up to `dispatch.workers` of them at once must not make a paced send wait for a connection.
+        self._media_session: aiohttp.ClientSession | None = None
         # every configured secret, not only the tokens: any of them could come back in an error
         self._redact = redactor if redactor is not None else Redactor(self._tokens.values())
         # the bearer token goes to Meta's media hosts and the Graph API itself, nowhere else
@@ -137,16 +142,26 @@ class GraphTransport:
             connector=aiohttp.TCPConnector(limit=self._connections),
             trace_configs=[trace],
         )
+        self._media_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            connector=aiohttp.TCPConnector(limit=self._download_connections),
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._media_session):
+            if session is not None:
+                await session.close()
+        self._session = self._media_session = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("GraphTransport used before start()")
         return self._session
+
+    def _media(self) -> aiohttp.ClientSession:
+        if self._media_session is None:
+            raise RuntimeError("GraphTransport used before start()")
+        return self._media_session
 
     async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
         """`_post_message`, inside a `send` span when tracing is on (under the `webhook` span of
@@ -210,7 +225,7 @@ class GraphTransport:
     async def _media_info(self, phone_number_id: str, media_id: str) -> MediaInfo:
         url = f"{self._base}/{quote(media_id, safe='')}"
         params = {"phone_number_id": phone_number_id}
-        async with self._client().get(url, params=params, headers=self._auth(phone_number_id)) as resp:
+        async with self._media().get(url, params=params, headers=self._auth(phone_number_id)) as resp:
             body = await resp.read()
             if resp.status != 200:
                 raise MediaError(f"media {media_id}: {self._graph_error(resp.status, body)}")
@@ -226,7 +241,7 @@ class GraphTransport:
         partial = dest.with_suffix(dest.suffix + ".part")
         digest, size = hashlib.sha256(), 0
         try:
-            async with self._client().get(url, headers=self._auth(phone_number_id)) as resp:
+            async with self._media().get(url, headers=self._auth(phone_number_id)) as resp:
                 if resp.status != 200:
                     raise MediaError(f"media download answered HTTP {resp.status} (the url may have expired)")
                 with partial.open("wb") as out:
@@ -250,7 +265,7 @@ class GraphTransport:
         form.add_field("file", io.BytesIO(data), filename=filename, content_type=mime_type)
         url = f"{self._base}/{phone_number_id}/media"
         try:
-            async with self._client().post(url, data=form, headers=self._auth(phone_number_id)) as resp:
+            async with self._media().post(url, data=form, headers=self._auth(phone_number_id)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise MediaError(f"upload refused: {self._graph_error(resp.status, body)}")

@@ -64,6 +64,7 @@ class StoredMedia:
     report_size: bool = True
     info_status: int = 200
     download_status: int = 200
+    hold: asyncio.Event | None = None  # the bytes are served once it is set
 
 
 @dataclass
@@ -206,6 +207,8 @@ class FakeGraph:
             return web.Response(status=404, text="no such media")
         if media.download_status != 200:
             return web.Response(status=media.download_status, text="url expired")
+        if media.hold is not None:
+            await media.hold.wait()
         return web.Response(body=media.data, content_type=media.mime_type.split(";")[0])
 
     async def _upload(self, request: web.Request) -> web.Response:

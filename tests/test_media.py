@@ -3,8 +3,10 @@ uploads checked before any HTTP call, and the retention sweep; against the fake 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -17,8 +19,10 @@ from alfred_bot import keys
 from alfred_bot.app import create_app
 from alfred_bot.config import load_secrets
 from alfred_bot.context import Context
+from alfred_bot.graph import GraphTransport
 from alfred_bot.media import LIMITS, MB, MediaError, MediaFile, check_upload, prune, target_path
 from alfred_bot.models import Message
+from alfred_bot.outbound.decide import Outcome
 from alfred_bot.router import Router
 from tests import payloads
 from tests.conftest import ACCESS_TOKEN, API_TOKEN, ENV, PROD_ENV, make_config, post_webhook, prod_config, wait_for
@@ -94,6 +98,26 @@ async def test_download_writes_the_file_under_the_media_dir(
     info, download = graph.media_requests
     assert (info.kind, info.authorization, info.query.get("phone_number_id")) == ("info", BEARER, payloads.PNID)
     assert (download.kind, download.authorization) == ("download", BEARER)
+
+
+async def test_downloads_have_their_own_pool_and_never_hold_up_a_send(tmp_path: Path, graph: FakeGraph) -> None:
+    """Up to `dispatch.workers` handlers may download at once; with one shared pool a slow media
+    host took the connections the paced sends need (here the send pool holds just one)."""
+    hold = asyncio.Event()
+    graph.add_media("777", b"\xff\xd8 slow", "image/jpeg", hold=hold)
+    transport = GraphTransport(prod_config(tmp_path, graph).graph, {payloads.PNID: ACCESS_TOKEN}, connections=1)
+    await transport.start()
+    try:
+        download = asyncio.create_task(transport.download(payloads.PNID, "777", tmp_path / "media", 1 << 20))
+        await wait_for(lambda: [r.kind for r in graph.media_requests] == ["info", "download"])
+        text = {"messaging_product": "whatsapp", "to": "15550001111", "type": "text", "text": {"body": "hi"}}
+        decision = await asyncio.wait_for(transport.send(payloads.PNID, json.dumps(text).encode()), 2)
+        assert decision.outcome == Outcome.SENT and not download.done()
+        hold.set()
+        assert Path((await download).path).read_bytes() == b"\xff\xd8 slow"
+    finally:
+        hold.set()
+        await transport.close()
 
 
 async def test_download_for_a_tenant_with_its_own_token(aiohttp_client: Any, tmp_path: Path, graph: FakeGraph) -> None:
