@@ -81,6 +81,12 @@ class GraphUnavailable(Exception):
     """A management call got no answer (timeout, connection refused, sandbox mode)."""
 
 
+def _started(session: aiohttp.ClientSession | None) -> aiohttp.ClientSession:
+    if session is None:
+        raise RuntimeError("GraphTransport used before start()")
+    return session
+
+
 class GraphTransport:
     """POST {base_url}/{api_version}/{phone_number_id}/messages with that number's bearer token.
 
@@ -154,14 +160,10 @@ class GraphTransport:
         self._session = self._media_session = None
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("GraphTransport used before start()")
-        return self._session
+        return _started(self._session)
 
     def _media(self) -> aiohttp.ClientSession:
-        if self._media_session is None:
-            raise RuntimeError("GraphTransport used before start()")
-        return self._media_session
+        return _started(self._media_session)
 
     async def send(self, phone_number_id: str, payload: bytes, on_wire: OnWire | None = None) -> Decision:
         """`_post_message`, inside a `send` span when tracing is on (under the `webhook` span of
