@@ -22,6 +22,10 @@ and at 500 conversations/s the webhook p50 still reached 3 s. The price: a bot b
 whose webhooks alone keep the core above 85 % is cut too, though its handlers wait; but there each
 handled message's own work (its commit, its reply's send) is what the core lacks.
 
+A cut binds as slots come free: a worker already holding one (waiting for a message, or handling
+it) keeps it until that message is done, so after a quiet spell up to all workers may start one
+message each before the lower limit holds. With quick handlers that is milliseconds.
+
 The per-tenant cap of the fair queue follows the limit (`on_change`): with the limit cut to the
 floor, one tenant's hanging handlers must still leave a worker for every other tenant.
 """

@@ -98,7 +98,7 @@ async def healthz(request: web.Request) -> web.Response:
             "queue": dispatcher.queue.qsize(),
             "queue_size": dispatcher.queue.maxsize,
             "backlog": dispatcher.backlog,
-            "handler_limit": dispatcher.admission.limit,  # of dispatch.workers, lower while the loop lags
+            "handler_limit": dispatcher.admission.limit,  # of dispatch.workers, lower while the process is busy
             "loop_lag_ms": round(dispatcher.admission.lag * 1000, 1),  # how late the 0.1 s timer fired
             "cpu": round(dispatcher.admission.cpu, 2),  # the process's share of one core, last 0.1 s
             "handler_limit_cuts": dispatcher.admission.cuts,

@@ -80,10 +80,10 @@ class Dispatcher:
         self._cfg = cfg.dispatch
         self._routers = mount_routers(routers, cfg, counts, orchestrator, self._telemetry.metrics)
         self._runner = Runner(store, self._routers, cfg.dispatch, counts, services=services, on_replies=on_replies)
-        self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
-            cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(len(cfg.tenants))
-        )
         tenants = len(cfg.tenants)
+        self.queue: FairQueue[InboundItem | StatusItem] = FairQueue(
+            cfg.dispatch.queue_size, cfg.dispatch.tenant_cap(tenants)
+        )
         self.admission = Admission(  # never below one worker per tenant: the fair queue's caps need it
             cfg.dispatch.workers,
             floor=max(FLOOR, tenants),
